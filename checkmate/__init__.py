@@ -1,0 +1,73 @@
+"""checkmate: a checkpointing multi-stage pipeline engine.
+
+Write a pipeline as `BaseStage` subclasses with typed Pydantic states, run it
+with `CheckMateEngine`, and resume it after a crash by running the same task id
+again. Every status change is persisted through a `TaskIO`.
+"""
+
+from .engine import STAGE, CheckMateEngine, TaskEngineState
+from .errors import (
+    BindException,
+    ConfigurationError,
+    CorruptStateError,
+    InterruptedStageError,
+    LockUnsupportedError,
+    StageFailedError,
+    StateMismatchError,
+    StorageError,
+    TaskEngineException,
+    TaskStateError,
+)
+from .locking import BindLock, LockOwner
+from .models import (
+    ACTIVE_STATES,
+    CANCELABLE_STATES,
+    INACTIVE_STATES,
+    STAGE_NAME_MAX_LENGTH,
+    STAGE_RESULT,
+    BaseStageState,
+    RecordStatus,
+    RetryPolicy,
+    SimpleRecordsResult,
+    StageStateHistoryEntry,
+    StageStatus,
+)
+from .stage import STAGE_STATE, BaseStage
+from .storage import FsspecTaskIO, LocalTaskIO, TaskIO
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ACTIVE_STATES",
+    "CANCELABLE_STATES",
+    "INACTIVE_STATES",
+    "STAGE",
+    "STAGE_NAME_MAX_LENGTH",
+    "STAGE_RESULT",
+    "STAGE_STATE",
+    "BaseStage",
+    "BaseStageState",
+    "BindException",
+    "BindLock",
+    "CheckMateEngine",
+    "ConfigurationError",
+    "CorruptStateError",
+    "FsspecTaskIO",
+    "InterruptedStageError",
+    "LocalTaskIO",
+    "LockOwner",
+    "LockUnsupportedError",
+    "RecordStatus",
+    "RetryPolicy",
+    "SimpleRecordsResult",
+    "StageFailedError",
+    "StageStateHistoryEntry",
+    "StageStatus",
+    "StateMismatchError",
+    "StorageError",
+    "TaskEngineException",
+    "TaskEngineState",
+    "TaskIO",
+    "TaskStateError",
+    "__version__",
+]

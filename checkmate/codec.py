@@ -1,0 +1,182 @@
+"""The persisted format of a stage object: encode and strictly decode it.
+
+A stage object is the JSON dump of the stage (its fields, with the state under
+its own field names) plus a ``checkmate`` member that records the format
+version, the stage's class and its position in the task::
+
+    {"checkmate": {"format": 1, "stage_class": "etl.Extract", "position": 0,
+                   "stage_count": 3},
+     "stage_name": "extract", "description": "", "timezone": "UTC",
+     "state": {"task_id": "...", "status": "COMPLETE", "attempts": 1, ...}}
+
+Decoding never trusts the data: it is parsed as JSON, then validated through
+the template's own state model (no pickle, no class looked up by name).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from pydantic import ValidationError
+from pydantic_core import PydanticSerializationError
+
+from .errors import ConfigurationError, CorruptStateError, StateMismatchError
+from .models import BaseStageState, StageStatus
+from .stage import BaseStage
+from .transitions import can_transition
+
+__all__ = ["FORMAT_VERSION", "META_KEY", "class_path", "decode_state", "encode_stage", "meta_prefix"]
+
+FORMAT_VERSION = 1
+META_KEY = "checkmate"
+
+
+def class_path(cls: type) -> str:
+    """Return ``module.QualName`` for a class."""
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _same_class(stored: str, expected: str) -> bool:
+    # A class defined in a script is "__main__.X" when the script runs and
+    # "script.X" when imported: compare qualified names only in that case.
+    if stored == expected:
+        return True
+    stored_mod, _, stored_name = stored.partition(".")
+    expected_mod, _, expected_name = expected.partition(".")
+    if "__main__" in (stored_mod, expected_mod):
+        return stored.rpartition(".")[2] == expected.rpartition(".")[2] and bool(stored_name and expected_name)
+    return False
+
+
+def meta_prefix(stage: BaseStage[Any], position: int, stage_count: int) -> bytes:
+    """Return the bytes that open a stage object: ``{"checkmate": {...},``."""
+    meta = {
+        "format": FORMAT_VERSION,
+        "stage_class": class_path(type(stage)),
+        "position": position,
+        "stage_count": stage_count,
+    }
+    return b'{"' + META_KEY.encode() + b'":' + json.dumps(meta, separators=(",", ":")).encode() + b","
+
+
+def encode_stage(stage: BaseStage[Any], prefix: bytes, task_id: str) -> bytes:
+    """Serialise a stage to its object bytes (``prefix`` from `meta_prefix`).
+
+    Raises:
+        ConfigurationError: The stage or its state holds a value JSON cannot hold.
+    """
+    try:
+        body = stage.model_dump_json(warnings="error")
+    except (PydanticSerializationError, ValueError, TypeError) as exc:
+        raise ConfigurationError(
+            f"stage {stage.stage_name!r} of task {task_id!r} cannot be saved: its state "
+            f"holds a value that is not JSON-serialisable ({exc}); keep only JSON-friendly "
+            "types (or Pydantic models of them) in the state",
+            task_id=task_id,
+            stage_name=stage.stage_name,
+        ) from exc
+    return prefix + body[1:].encode()
+
+
+def _corrupt(obj_name: str, task_id: str, stage_name: str, reason: str) -> CorruptStateError:
+    return CorruptStateError(
+        f"persisted object {obj_name!r} of task {task_id!r} is corrupt: {reason}. The engine "
+        "left it untouched; restore it from a backup, or delete the task "
+        "(unbind(clean=True)) to start over",
+        task_id=task_id,
+        stage_name=stage_name,
+        obj_name=obj_name,
+    )
+
+
+def _check_history(state: BaseStageState[Any]) -> str | None:
+    previous: StageStatus | None = None
+    last_attempt = 0
+    for index, entry in enumerate(state.history):
+        if previous is not None and entry.begin_status is not previous:
+            return f"history entry {index} begins at {entry.begin_status}, not {previous}"
+        if not can_transition(entry.begin_status, entry.end_status):
+            return f"history entry {index} records an impossible change {entry.begin_status} -> {entry.end_status}"
+        if entry.attempt < last_attempt:
+            return f"history entry {index} goes back to attempt {entry.attempt}"
+        previous = entry.end_status
+        last_attempt = entry.attempt
+    if previous is not None and previous is not state.status:
+        return f"the history ends at {previous} but the status is {state.status}"
+    if last_attempt > state.attempts + 1:
+        return f"the history records attempt {last_attempt} but attempts is {state.attempts}"
+    return None
+
+
+def decode_state(
+    template: BaseStage[Any],
+    data: bytes,
+    *,
+    obj_name: str,
+    task_id: str,
+    position: int,
+    stage_count: int,
+) -> BaseStageState[Any]:
+    """Parse and validate a stage object against its template; return the state.
+
+    Raises:
+        CorruptStateError: The bytes are not valid JSON of the right shape, or
+            the state fails validation.
+        StateMismatchError: The object belongs to another stage class, position
+            or task layout than the template.
+    """
+    name = template.stage_name
+    try:
+        doc = json.loads(data)
+    except (ValueError, RecursionError) as exc:
+        raise _corrupt(obj_name, task_id, name, f"not valid JSON ({exc})") from exc
+    if not isinstance(doc, dict):
+        raise _corrupt(obj_name, task_id, name, "not a JSON object")
+    meta = doc.get(META_KEY)
+    if not isinstance(meta, dict):
+        raise _corrupt(obj_name, task_id, name, f"no {META_KEY!r} member")
+    if meta.get("format") != FORMAT_VERSION:
+        raise _corrupt(
+            obj_name, task_id, name, f"unsupported format {meta.get('format')!r} (this version reads {FORMAT_VERSION})"
+        )
+    if doc.get("stage_name") != name:
+        raise _corrupt(obj_name, task_id, name, f"it holds stage {doc.get('stage_name')!r}, not {name!r}")
+    stored_class = meta.get("stage_class")
+    expected_class = class_path(type(template))
+    if not isinstance(stored_class, str) or not _same_class(stored_class, expected_class):
+        raise StateMismatchError(
+            f"stage {name!r} of task {task_id!r} was persisted by class {stored_class!r}, "
+            f"but the template is {expected_class!r}; run the task with the stages it was "
+            "created with, or use a new task id",
+            task_id=task_id,
+            stage_name=name,
+            obj_name=obj_name,
+        )
+    if meta.get("position") != position or meta.get("stage_count") != stage_count:
+        raise StateMismatchError(
+            f"stage {name!r} of task {task_id!r} was persisted as stage "
+            f"{meta.get('position')!r} of {meta.get('stage_count')!r}, but the templates put it at "
+            f"{position} of {stage_count}; run the task with the stages it was created with, "
+            "or use a new task id",
+            task_id=task_id,
+            stage_name=name,
+            obj_name=obj_name,
+        )
+    raw_state = doc.get("state")
+    if not isinstance(raw_state, dict):
+        raise _corrupt(obj_name, task_id, name, "no 'state' object")
+    try:
+        state = type(template.state).model_validate(raw_state)
+    except (ValidationError, ValueError, TypeError, RecursionError) as exc:
+        raise _corrupt(obj_name, task_id, name, f"the state fails validation ({exc})") from exc
+    if state.task_id != task_id or state.stage_name != name:
+        raise _corrupt(
+            obj_name, task_id, name, f"the state belongs to task {state.task_id!r}, stage {state.stage_name!r}"
+        )
+    if state.status is StageStatus.UNBOUND:
+        raise _corrupt(obj_name, task_id, name, "a persisted stage cannot be UNBOUND")
+    problem = _check_history(state)
+    if problem is not None:
+        raise _corrupt(obj_name, task_id, name, problem)
+    return state

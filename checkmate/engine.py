@@ -1,0 +1,769 @@
+"""`CheckMateEngine`: binds stages to a task, runs them in order, checkpoints every change.
+
+This is the one module that coordinates stages, storage, the lock and the
+state machine. The engine is not thread-safe: use one engine per thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from types import TracebackType
+from typing import Any, Generic, Literal, TypeVar
+
+from colorama import Fore
+from pydantic import BaseModel, Field, SkipValidation
+
+from .codec import class_path, decode_state, encode_stage, meta_prefix
+from .errors import (
+    ConfigurationError,
+    InterruptedStageError,
+    StageFailedError,
+    StateMismatchError,
+    StorageError,
+    TaskEngineException,
+    TaskStateError,
+)
+from .locking import BindLock
+from .models import CANCELABLE_STATES, STAGE_RESULT, BaseStageState, RetryPolicy, StageStatus
+from .naming import (
+    STAGE_SUFFIX,
+    check_task_id,
+    lock_obj_name,
+    new_task_id,
+    stage_obj_name,
+    task_prefix,
+)
+from .render import StageView, render_stages
+from .stage import BaseStage
+from .storage.base import TaskIO
+from .transitions import aggregate_status, find_invalid_pair
+
+__all__ = ["STAGE", "CheckMateEngine", "TaskEngineState"]
+
+logger = logging.getLogger(__name__)
+
+STAGE = TypeVar("STAGE", bound=BaseStage[Any])
+"""Type variable for the stage class of an engine."""
+
+_S = StageStatus
+_T = TypeVar("_T")
+Source = Literal["memory", "persistence"]
+
+
+class TaskEngineState(BaseModel, Generic[STAGE]):
+    """The engine's templates: what a task of this engine is made of."""
+
+    stage_template_classes: list[str] = Field(..., title="Stage Template Classes")
+    """``module.QualName`` of each template's class, in order."""
+    stage_templates: list[SkipValidation[STAGE]] = Field(..., title="Stage Templates")
+    """Private deep copies of the stage templates, in order."""
+
+
+def _storage_error(action: str, obj_name: str, task_id: str, exc: BaseException) -> StorageError:
+    return StorageError(
+        f"could not {action} {obj_name!r} of task {task_id!r}: {exc!r}. Nothing after this "
+        "point ran; check the store and run the task again to resume",
+        task_id=task_id,
+        obj_name=obj_name,
+    )
+
+
+class CheckMateEngine(Generic[STAGE, STAGE_RESULT]):
+    """Run a list of stages as one resumable task.
+
+    Bind the engine (``with engine:`` or `bind`) to take the task's lock and
+    load its persisted state, then `execute`. Run the same task id again after
+    a crash and the engine resumes from the first stage that is not COMPLETE.
+
+    Args:
+        io: Where the task's objects live.
+        task_id: The task's id; None generates a new one (uuid4 hex).
+        stage_templates: The stages, in order (copied; the originals are not touched).
+        retry_policy: How failed stages are retried.
+        max_attempts: The attempt budget (per stage for STAGE, for the whole
+            task for GLOBAL; must be 1 for NONE).
+        bind_lock_timeout: None to try the lock once; else seconds to keep trying.
+        auto_cleanup: Delete all of the task's objects on unbind, whatever the outcome.
+        no_lock: Take no lock (only when nothing else can run the task).
+        force_create: Treat the task as new without reading state; fail if state exists.
+
+    Raises:
+        ConfigurationError: No templates, a template that is not a stage, a
+            duplicate stage name or instance, NONE with ``max_attempts != 1``,
+            ``max_attempts < 1``, or an invalid task id.
+
+    Example:
+        ```python
+        engine = CheckMateEngine(LocalTaskIO("state"), task_id="nightly-2026-11-22",
+                                 stage_templates=[Extract(...), Load(...)],
+                                 retry_policy=RetryPolicy.STAGE, max_attempts=3)
+        status = engine.execute()
+        ```
+    """
+
+    def __init__(
+        self,
+        io: TaskIO,
+        task_id: str | None = None,
+        stage_templates: Sequence[STAGE] | None = None,
+        retry_policy: RetryPolicy = RetryPolicy.NONE,
+        max_attempts: int = 1,
+        bind_lock_timeout: float | None = None,
+        auto_cleanup: bool = False,
+        no_lock: bool = False,
+        force_create: bool = False,
+    ) -> None:
+        if not isinstance(io, TaskIO):
+            raise ConfigurationError(f"io must be a TaskIO, not {type(io).__name__}")
+        self.task_id: str = new_task_id() if task_id is None else check_task_id(task_id)
+        templates = self._check_templates(stage_templates)
+        try:
+            policy = RetryPolicy(retry_policy)
+        except ValueError as exc:
+            raise ConfigurationError(
+                f"unknown retry_policy {retry_policy!r}", task_id=self.task_id
+            ) from exc
+        if isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or max_attempts < 1:
+            raise ConfigurationError(
+                f"max_attempts must be an integer >= 1, not {max_attempts!r}", task_id=self.task_id
+            )
+        if policy is RetryPolicy.NONE and max_attempts != 1:
+            raise ConfigurationError(
+                f"retry_policy NONE allows exactly one attempt, but max_attempts={max_attempts}; "
+                "use RetryPolicy.STAGE or RetryPolicy.GLOBAL to retry",
+                task_id=self.task_id,
+            )
+        if bind_lock_timeout is not None and bind_lock_timeout < 0:
+            raise ConfigurationError(
+                f"bind_lock_timeout must be None or >= 0, not {bind_lock_timeout!r}",
+                task_id=self.task_id,
+            )
+        self.io = io
+        self.retry_policy = policy
+        self.max_attempts = max_attempts
+        self.bind_lock_timeout = bind_lock_timeout
+        self.auto_cleanup = auto_cleanup
+        self.no_lock = no_lock
+        self.force_create = force_create
+        self.task_state: TaskEngineState[STAGE] = TaskEngineState(
+            stage_template_classes=[class_path(type(t)) for t in templates],
+            stage_templates=[t.model_copy(deep=True) for t in templates],
+        )
+        self._stages: list[STAGE] = self._fresh_stages()
+        self._prefixes = [
+            meta_prefix(t, i, len(templates)) for i, t in enumerate(self.task_state.stage_templates)
+        ]
+        self._positions = {id(s): i for i, s in enumerate(self._stages)}
+        self._lock: BindLock | None = None
+        self._bound = False
+
+    def _check_templates(self, stage_templates: Sequence[STAGE] | None) -> list[STAGE]:
+        if not stage_templates:
+            raise ConfigurationError(
+                f"task {self.task_id!r} has no stage templates; pass at least one stage",
+                task_id=self.task_id,
+            )
+        templates = list(stage_templates)
+        seen_ids: set[int] = set()
+        seen_names: set[str] = set()
+        for index, template in enumerate(templates):
+            if not isinstance(template, BaseStage):
+                raise ConfigurationError(
+                    f"stage template {index} of task {self.task_id!r} is a "
+                    f"{type(template).__name__}, not a BaseStage",
+                    task_id=self.task_id,
+                )
+            name = template.stage_name
+            if not isinstance(template.state, BaseStageState):
+                raise ConfigurationError(
+                    f"stage {name!r} has a state of type {type(template.state).__name__}, "
+                    "which is not a BaseStageState",
+                    task_id=self.task_id,
+                    stage_name=name,
+                )
+            if id(template) in seen_ids:
+                raise ConfigurationError(
+                    f"stage {name!r} appears twice in the templates of task {self.task_id!r}; "
+                    "create one instance per stage",
+                    task_id=self.task_id,
+                    stage_name=name,
+                )
+            if name in seen_names:
+                raise ConfigurationError(
+                    f"stage name {name!r} is used twice in task {self.task_id!r}; "
+                    "stage names must be unique",
+                    task_id=self.task_id,
+                    stage_name=name,
+                )
+            seen_ids.add(id(template))
+            seen_names.add(name)
+        return templates
+
+    def _fresh_stages(self) -> list[STAGE]:
+        return [t.model_copy(deep=True) for t in self.task_state.stage_templates]
+
+    def __repr__(self) -> str:
+        state = "bound" if self._bound else "unbound"
+        return f"<CheckMateEngine task_id={self.task_id!r} stages={len(self._stages)} {state}>"
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def stages(self) -> list[STAGE]:
+        """The bound stages in order; while unbound, fresh copies of the templates."""
+        return self._stages
+
+    @property
+    def is_bound(self) -> bool:
+        """True while the engine is bound to its task."""
+        return self._bound
+
+    @property
+    def lock_obj_name(self) -> str:
+        """The name of the task's lock object."""
+        return lock_obj_name(self.task_id)
+
+    @property
+    def has_lockfile(self) -> bool:
+        """True while a lock object exists for the task, bound or not.
+
+        A lock object does not prove that a process still runs the task.
+        """
+        return self._call("check", self.lock_obj_name, lambda: self.io.exists(self.lock_obj_name))
+
+    @property
+    def status(self) -> StageStatus:
+        """The task's overall status (from memory when bound, else from storage).
+
+        COMPLETE when every stage is; else ERROR, CANCELED, RUNNING, RETRY or
+        UNBOUND if any stage is (in that order); else CREATED.
+
+        Raises:
+            TaskStateError: Two consecutive stages are in an impossible combination.
+        """
+        return self._aggregate(self._view())
+
+    @property
+    def task_result(self) -> STAGE_RESULT | None:
+        """The ``result`` of the last COMPLETE stage, or None if no stage is COMPLETE."""
+        for stage in reversed(self._view()):
+            if stage.state.status is _S.COMPLETE:
+                return stage.state.result  # type: ignore[no-any-return]
+        return None
+
+    @property
+    def cumulative_attempts(self) -> int:
+        """The number of attempts of all stages together."""
+        return sum(stage.state.attempts for stage in self._view())
+
+    # ------------------------------------------------------------------ context manager
+
+    def __enter__(self) -> CheckMateEngine[STAGE, STAGE_RESULT]:
+        self.bind()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_value: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> Literal[False]:
+        if self._bound:
+            self.unbind()
+        return False
+
+    # ------------------------------------------------------------------ storage helpers
+
+    def _call(self, action: str, obj_name: str, func: Callable[[], _T]) -> _T:
+        try:
+            return func()
+        except TaskEngineException:
+            raise
+        except OSError as exc:
+            if isinstance(exc, FileNotFoundError):
+                raise
+            raise _storage_error(action, obj_name, self.task_id, exc) from exc
+
+    def _persist_stage(self, stage: BaseStage[Any], create: bool = False) -> None:
+        """Write a stage's object; with ``create``, only if it does not exist yet."""
+        position = self._positions[id(stage)]
+        data = encode_stage(stage, self._prefixes[position], self.task_id)
+        name = stage_obj_name(self.task_id, stage.stage_name)
+        if not create:
+            self._call("write", name, lambda: self.io.write(name, data))
+            return
+        if not self._call("create", name, lambda: self.io.create(name, data)):
+            raise StateMismatchError(
+                f"stage object {name!r} of task {self.task_id!r} appeared while the task was "
+                "being created: another process is running it without a lock",
+                task_id=self.task_id,
+                stage_name=stage.stage_name,
+                obj_name=name,
+            )
+
+    def _load_stage_state(self, stage: BaseStage[Any]) -> BaseStageState[Any] | None:
+        position = self._template_position(stage.stage_name)
+        name = stage_obj_name(self.task_id, stage.stage_name)
+        try:
+            data = self._call("read", name, lambda: self.io.read(name))
+        except FileNotFoundError:
+            return None
+        return self._decode(position, name, data)
+
+    def _template_position(self, stage_name: str) -> int:
+        for index, template in enumerate(self.task_state.stage_templates):
+            if template.stage_name == stage_name:
+                return index
+        raise TaskStateError(
+            f"stage {stage_name!r} is not part of task {self.task_id!r}",
+            task_id=self.task_id,
+            stage_name=stage_name,
+        )
+
+    def _decode(self, position: int, obj_name: str, data: bytes) -> BaseStageState[Any]:
+        templates = self.task_state.stage_templates
+        return decode_state(
+            templates[position],
+            data,
+            obj_name=obj_name,
+            task_id=self.task_id,
+            position=position,
+            stage_count=len(templates),
+        )
+
+    def _read_persisted(self) -> list[BaseStageState[Any] | None]:
+        """Read and validate every stage object of the task; None where there is none."""
+        prefix = task_prefix(self.task_id)
+        names = [stage_obj_name(self.task_id, t.stage_name) for t in self.task_state.stage_templates]
+        listed = self._call("list", prefix, lambda: self.io.list(prefix))
+        expected = set(names)
+        strangers = [n for n in listed if n.endswith(STAGE_SUFFIX) and n not in expected]
+        if strangers:
+            raise StateMismatchError(
+                f"task {self.task_id!r} has stage objects that match none of the templates: "
+                f"{', '.join(repr(n) for n in strangers[:5])}; run it with the stages it was "
+                "created with, or use a new task id",
+                task_id=self.task_id,
+                obj_name=strangers[0],
+            )
+        present = set(listed)
+        wanted = [n for n in names if n in present]
+        found = self._call("read", prefix, lambda: self.io.read_many(wanted)) if wanted else {}
+        return [
+            self._decode(i, name, found[name]) if name in found else None
+            for i, name in enumerate(names)
+        ]
+
+    def _view(self) -> list[STAGE]:
+        """The stages to report on: bound ones, or copies loaded from storage."""
+        if self._bound:
+            return self._stages
+        stages = self._fresh_stages()
+        for stage, state in zip(stages, self._read_persisted()):
+            if state is not None:
+                stage.state = state
+        return stages
+
+    def _aggregate(self, stages: Sequence[BaseStage[Any]]) -> StageStatus:
+        return self._check_statuses([stage.state.status for stage in stages])
+
+    def _check_statuses(self, statuses: Sequence[StageStatus]) -> StageStatus:
+        bad = find_invalid_pair(statuses)
+        if bad is not None:
+            names = [t.stage_name for t in self.task_state.stage_templates]
+            raise TaskStateError(
+                f"task {self.task_id!r} is in an impossible state: stage {names[bad]!r} is "
+                f"{statuses[bad]} but the stage before it, {names[bad - 1]!r}, is "
+                f"{statuses[bad - 1]}; the engine changed nothing. Inspect the task's objects",
+                task_id=self.task_id,
+                stage_name=names[bad],
+            )
+        return aggregate_status(statuses)
+
+    # ------------------------------------------------------------------ bind / unbind
+
+    def bind(self) -> None:
+        """Take the task's lock and load (or create) its persisted state.
+
+        A new task's stages are persisted as CREATED. A bind that fails leaves
+        every persisted object as it was and releases the lock.
+
+        Raises:
+            TaskStateError: Already bound, or the persisted stages are in an
+                impossible combination.
+            BindException: The lock is held by another owner.
+            StateMismatchError: Persisted stages differ from the templates, or
+                ``force_create`` found existing state.
+            CorruptStateError: A persisted object is invalid.
+        """
+        if self._bound:
+            raise TaskStateError(
+                f"engine for task {self.task_id!r} is already bound", task_id=self.task_id
+            )
+        lock = None if self.no_lock else BindLock(self.io, self.lock_obj_name, self.bind_lock_timeout)
+        if lock is not None:
+            lock.acquire()
+        stages = self._fresh_stages()
+        try:
+            states = self._states_for_bind()
+            self._check_statuses([_S.CREATED if st is None else st.status for st in states])
+            self._positions = {id(s): i for i, s in enumerate(stages)}
+            for stage, state in zip(stages, states):
+                stage._attach(self, state)
+            self._stages = stages
+            self._lock = lock
+            self._bound = True
+            now = time.time()
+            for stage, state in zip(stages, states):
+                if state is None:
+                    stage._record("stage created", _S.CREATED, now, now, create=True)
+        except BaseException:
+            for stage in stages:
+                stage._detach()
+            self._stages = self._fresh_stages()
+            self._positions = {id(s): i for i, s in enumerate(self._stages)}
+            self._bound = False
+            self._lock = None
+            if lock is not None:
+                lock.release()
+            raise
+        logger.info("bound task %s (%s)", self.task_id, self._aggregate(stages))
+
+    def _states_for_bind(self) -> list[BaseStageState[Any] | None]:
+        if not self.force_create:
+            return self._read_persisted()
+        prefix = task_prefix(self.task_id)
+        lock_name = self.lock_obj_name
+        listed = self._call("list", prefix, lambda: self.io.list(prefix))
+        existing = [n for n in listed if not n.startswith(lock_name)]
+        if existing:
+            raise StateMismatchError(
+                f"force_create is set but task {self.task_id!r} already has state "
+                f"({existing[0]!r}); nothing was changed. Use a new task id, or drop "
+                "force_create to resume the task",
+                task_id=self.task_id,
+                obj_name=existing[0],
+            )
+        return [None] * len(self.task_state.stage_templates)
+
+    def unbind(self, clean: bool = False) -> None:
+        """Release the lock and return to fresh copies of the templates.
+
+        Args:
+            clean: Also delete all of the task's objects (stages and lock);
+                ``auto_cleanup`` makes this the default.
+
+        Raises:
+            TaskStateError: The engine is not bound.
+        """
+        if not self._bound:
+            raise TaskStateError(f"engine for task {self.task_id!r} is not bound", task_id=self.task_id)
+        try:
+            if clean or self.auto_cleanup:
+                self._delete_task_objects()
+        finally:
+            for stage in self._stages:
+                stage._detach()
+            self._stages = self._fresh_stages()
+            self._positions = {id(s): i for i, s in enumerate(self._stages)}
+            self._bound = False
+            lock, self._lock = self._lock, None
+            if lock is not None:
+                lock.release()
+        logger.info("unbound task %s%s", self.task_id, " and deleted its objects" if clean or self.auto_cleanup else "")
+
+    def _delete_task_objects(self) -> None:
+        for template in self.task_state.stage_templates:
+            name = stage_obj_name(self.task_id, template.stage_name)
+            self._call("delete", name, lambda n=name: self.io.delete(n))
+        if self.no_lock:
+            return
+        lock_name = self.lock_obj_name
+        prefix = task_prefix(self.task_id)
+        for name in self._call("list", prefix, lambda: self.io.list(prefix)):
+            if name.startswith(lock_name) and name != lock_name:
+                self._call("delete", name, lambda n=name: self.io.delete(n))
+
+    # ------------------------------------------------------------------ execution
+
+    def execute(self, strict_recovery: bool = False) -> StageStatus:
+        """Run the task from its first stage that is not COMPLETE.
+
+        Binds for the call if the engine is not bound (and unbinds after).
+
+        Args:
+            strict_recovery: When a stage is found RUNNING (its process died),
+                roll it back and retry it instead of raising.
+
+        Returns:
+            The task's final status: COMPLETE, or CANCELED for a canceled task.
+
+        Raises:
+            StageFailedError: A stage ended in ERROR (now or before); its
+                ``__cause__`` is the stage's last exception.
+            InterruptedStageError: A stage was found RUNNING and
+                ``strict_recovery`` is False; nothing was changed.
+        """
+        if not self._bound:
+            with self:
+                return self._execute(strict_recovery)
+        return self._execute(strict_recovery)
+
+    def _execute(self, strict_recovery: bool) -> StageStatus:
+        status = self._aggregate(self._stages)
+        if status in (_S.COMPLETE, _S.CANCELED):
+            return status
+        if status is _S.ERROR:
+            failed = next(s for s in self._stages if s.state.status is _S.ERROR)
+            raise self._failure(failed, None)
+        running = next((s for s in self._stages if s.state.status is _S.RUNNING), None)
+        if running is not None and not strict_recovery:
+            raise InterruptedStageError(
+                f"stage {running.stage_name!r} of task {self.task_id!r} was interrupted: it is "
+                f"RUNNING (attempt {running.state.attempts}) but no process runs it. Nothing was "
+                "changed. Run again with execute(strict_recovery=True) to roll it back and "
+                "retry it (this needs a retry policy with attempts to spare)",
+                task_id=self.task_id,
+                stage_name=running.stage_name,
+            )
+        for index, stage in enumerate(self._stages):
+            if stage.state.status is _S.COMPLETE:
+                continue
+            self._run_stage(index, stage)
+        return self._aggregate(self._stages)
+
+    def _budget_left(self, stage: BaseStage[Any]) -> bool:
+        if self.retry_policy is RetryPolicy.GLOBAL:
+            return sum(s.state.attempts for s in self._stages) < self.max_attempts
+        return stage.state.attempts < self.max_attempts
+
+    def _failure(self, stage: BaseStage[Any], cause: BaseException | None) -> StageFailedError:
+        history = stage.state.history
+        detail = history[-1].message if history else "no message"
+        err = StageFailedError(
+            f"task {self.task_id!r} failed at stage {stage.stage_name!r} after "
+            f"{stage.state.attempts} attempt(s): {detail}. The task will not run again; "
+            "fix the cause and start a new task id (or unbind(clean=True) and rerun)",
+            task_id=self.task_id,
+            stage_name=stage.stage_name,
+        )
+        err.__cause__ = cause
+        return err
+
+    def _rollback(self, stage: BaseStage[Any], begin: float, reason: str) -> None:
+        """Call the stage's rollback hook; on failure mark it ERROR and raise."""
+        try:
+            stage.rollback_stage()
+        except Exception as exc:
+            logger.exception("rollback of stage %s of task %s failed", stage.stage_name, self.task_id)
+            stage._record(f"{reason}; rollback failed: {exc!r}", _S.ERROR, begin)
+            raise self._failure(stage, exc) from exc
+
+    def _recover_interrupted(self, stage: BaseStage[Any]) -> None:
+        attempt = stage.state.attempts
+        logger.warning(
+            "stage %s of task %s was interrupted during attempt %d; recovering",
+            stage.stage_name,
+            self.task_id,
+            attempt,
+        )
+        now = time.time()
+        reason = f"attempt {attempt} was interrupted (its process died)"
+        self._rollback(stage, now, reason)
+        if self._budget_left(stage):
+            stage._record(f"{reason}; will retry", _S.RETRY, now)
+            return
+        stage._record(
+            f"{reason} and no attempts remain: a retry policy with attempts to spare "
+            "(RetryPolicy.STAGE or GLOBAL with max_attempts > 1) is what makes crash recovery "
+            "possible",
+            _S.ERROR,
+            now,
+        )
+        raise self._failure(stage, None)
+
+    def _run_stage(self, index: int, stage: STAGE) -> None:
+        if stage.state.status is _S.RUNNING:
+            self._recover_interrupted(stage)
+        last_error: BaseException | None = None
+        while True:
+            if not self._budget_left(stage):
+                now = time.time()
+                stage._record(
+                    f"attempt budget spent ({self.retry_policy} policy, max_attempts="
+                    f"{self.max_attempts}); the stage did not run",
+                    _S.ERROR,
+                    now,
+                )
+                raise self._failure(stage, last_error)
+            previous = stage.state if index == 0 else self._stages[index - 1].state.model_copy(deep=True)
+            attempt = stage.inc_attempts()
+            begin = time.time()
+            try:
+                stage._record(f"attempt {attempt} started", _S.RUNNING, begin, begin)
+            except BaseException:
+                stage.state.attempts -= 1
+                raise
+            try:
+                stage.execute_stage(previous)
+            except Exception as exc:
+                last_error = exc
+                logger.warning(
+                    "stage %s of task %s failed on attempt %d: %r",
+                    stage.stage_name,
+                    self.task_id,
+                    attempt,
+                    exc,
+                )
+                reason = f"attempt {attempt} failed: {exc!r}"
+                self._rollback(stage, begin, reason)
+                if self._budget_left(stage):
+                    stage._record(f"{reason}; will retry", _S.RETRY, begin)
+                    continue
+                stage._record(f"{reason}; no attempts left", _S.ERROR, begin)
+                raise self._failure(stage, exc) from exc
+            except BaseException as exc:
+                self._interrupted(stage, begin, attempt, exc)
+                raise
+            stage._record(f"attempt {attempt} completed", _S.COMPLETE, begin)
+            return
+
+    def _interrupted(self, stage: BaseStage[Any], begin: float, attempt: int, exc: BaseException) -> None:
+        """Record a run stopped by KeyboardInterrupt/SystemExit so the task stays resumable."""
+        name = type(exc).__name__
+        try:
+            stage.rollback_stage()
+            stage._record(
+                f"attempt {attempt} interrupted by {name}; the attempt is not counted",
+                _S.RETRY,
+                begin,
+                refund_attempt=True,
+            )
+        except Exception:
+            logger.exception(
+                "could not record the %s of stage %s of task %s; it stays RUNNING "
+                "(resume with strict_recovery=True)",
+                name,
+                stage.stage_name,
+                self.task_id,
+            )
+
+    # ------------------------------------------------------------------ cancel
+
+    def cancel(self) -> None:
+        """Cancel the task: the current stage and every later stage become CANCELED.
+
+        Calls ``cancel()`` on the first stage that is not COMPLETE. Binds for the
+        call if the engine is not bound. Canceling a CANCELED task only finishes
+        marking any stage a crashed cancel left behind.
+
+        Raises:
+            TaskStateError: The task is COMPLETE or ERROR.
+        """
+        if not self._bound:
+            with self:
+                self._cancel()
+            return
+        self._cancel()
+
+    def _cancel(self) -> None:
+        status = self._aggregate(self._stages)
+        if status in (_S.COMPLETE, _S.ERROR):
+            raise TaskStateError(
+                f"task {self.task_id!r} is {status} and cannot be canceled",
+                task_id=self.task_id,
+            )
+        first = next(i for i, s in enumerate(self._stages) if s.state.status is not _S.COMPLETE)
+        current = self._stages[first]
+        if status is not _S.CANCELED:
+            try:
+                current.cancel()
+            except Exception:
+                logger.exception(
+                    "cancel hook of stage %s of task %s failed; canceling anyway",
+                    current.stage_name,
+                    self.task_id,
+                )
+        now = time.time()
+        for stage in self._stages[first:]:
+            if stage.state.status in CANCELABLE_STATES:
+                stage._record("task canceled", _S.CANCELED, now)
+        logger.info("canceled task %s at stage %s", self.task_id, current.stage_name)
+
+    # ------------------------------------------------------------------ inspection
+
+    def state_update_hook(self, stage: STAGE) -> None:
+        """Called after every persisted status change of a stage; override to observe them."""
+
+    def dump_stages(
+        self,
+        source: Source = "memory",
+        color: str = Fore.LIGHTWHITE_EX,
+        basenames_only: bool = False,
+        source_in_heading: bool = False,
+    ) -> str:
+        """Return a Markdown summary of every stage: name, status, object and state.
+
+        Args:
+            source: ``"memory"`` for the engine's stages, ``"persistence"`` to
+                read them from storage.
+            color: ANSI color prefix for headings; ``""`` for plain text.
+            basenames_only: Show only the object's base name instead of its URL.
+            source_in_heading: Name the source in the heading (keep False to
+                compare the two sources).
+
+        Raises:
+            TaskEngineException: ``source`` is unknown, or a persisted object is invalid.
+        """
+        views = self._stage_views(source, basenames_only)
+        note = f"source: {source}" if source_in_heading else None
+        return render_stages(self.task_id, views, color=color, heading_note=note)
+
+    def _stage_views(self, source: str, basenames_only: bool) -> list[StageView]:
+        if source == "memory":
+            states: list[BaseStageState[Any] | None] = [s.state for s in self._stages]
+        elif source == "persistence":
+            states = self._read_persisted()
+        else:
+            raise TaskEngineException(
+                f"unknown dump source {source!r}; use 'memory' or 'persistence'",
+                task_id=self.task_id,
+            )
+        views = []
+        for template, state in zip(self.task_state.stage_templates, states):
+            name = stage_obj_name(self.task_id, template.stage_name)
+            location = name.rpartition("/")[2] if basenames_only else self.io.url(name)
+            views.append(
+                StageView(
+                    stage_name=template.stage_name,
+                    status=str(state.status if state is not None else _S.UNBOUND),
+                    location=location,
+                    state_json=state.model_dump_json(indent=2) if state is not None else None,
+                )
+            )
+        return views
+
+    def log_stages(
+        self,
+        source: Source = "memory",
+        color: str = Fore.LIGHTWHITE_EX,
+        basenames_only: bool = False,
+    ) -> None:
+        """Log `dump_stages` output at INFO level through this module's logger."""
+        logger.info("%s", self.dump_stages(source, color, basenames_only, source_in_heading=True))
+
+    def check_sync(self) -> bool:
+        """Tell whether the in-memory stages equal the persisted ones.
+
+        Returns False (never raises) when a persisted object is missing or unreadable.
+        """
+        try:
+            persisted = self._stage_views("persistence", basenames_only=False)
+            if any(view.state_json is None for view in persisted):
+                return False
+            return persisted == self._stage_views("memory", basenames_only=False)
+        except (TaskEngineException, OSError):
+            return False
+

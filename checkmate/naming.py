@@ -1,0 +1,150 @@
+"""Task ids, stage names and the storage object names built from them.
+
+Object names are relative to a `TaskIO` root and always use ``/``. Every name
+built here stays inside its task's prefix and within file-name limits on every
+backend (at most 255 bytes per path component, no characters that Windows,
+S3, GCS or Azure treat specially, no case-only collisions).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import uuid
+
+from .errors import ConfigurationError
+from .models import STAGE_NAME_MAX_LENGTH
+
+__all__ = [
+    "LOCK_SUFFIX",
+    "STAGE_SUFFIX",
+    "TASK_ID_MAX_LENGTH",
+    "check_obj_name",
+    "check_stage_name",
+    "check_task_id",
+    "lock_obj_name",
+    "new_task_id",
+    "stage_file_stem",
+    "stage_obj_name",
+    "task_prefix",
+]
+
+TASK_ID_MAX_LENGTH = 128
+STAGE_SUFFIX = ".json"
+LOCK_SUFFIX = ".lock"
+_LOCK_STEM = "task"
+
+_TASK_ID_RE = re.compile(r"[A-Za-z0-9_\-][A-Za-z0-9._\-]*")
+# Stage names made only of these characters are used as they are in object names.
+_PLAIN_STAGE_RE = re.compile(r"[a-z0-9_\-][a-z0-9._\-]*")
+_UNSAFE_CHAR_RE = re.compile(r"[^A-Za-z0-9._\-]")
+_WINDOWS_RESERVED = frozenset(
+    {"con", "prn", "aux", "nul"}
+    | {f"com{i}" for i in range(10)}
+    | {f"lpt{i}" for i in range(10)}
+)
+_SLUG_MAX = 96
+_HASH_CHARS = 16
+
+
+def new_task_id() -> str:
+    """Return a fresh random task id (uuid4 hex)."""
+    return uuid.uuid4().hex
+
+
+def check_task_id(task_id: object) -> str:
+    """Return ``task_id`` if it is a safe single path component, else raise.
+
+    Raises:
+        ConfigurationError: The id is not a string of 1-128 letters, digits,
+            ``.``, ``_`` or ``-`` that does not start with ``.``.
+    """
+    if not isinstance(task_id, str):
+        raise ConfigurationError(
+            f"task_id must be a string or None, not {type(task_id).__name__}"
+        )
+    if (
+        not 0 < len(task_id) <= TASK_ID_MAX_LENGTH
+        or not _TASK_ID_RE.fullmatch(task_id)
+    ):
+        raise ConfigurationError(
+            f"invalid task_id {task_id!r}: use 1 to {TASK_ID_MAX_LENGTH} letters, digits, "
+            "'.', '_' or '-', not starting with '.' (pass task_id=None to generate one)",
+            task_id=task_id if isinstance(task_id, str) else None,
+        )
+    return task_id
+
+
+def check_stage_name(name: str) -> str:
+    """Return ``name`` if it is a valid stage name, else raise ValueError.
+
+    A stage name has 1 to 150 characters, contains no ``/``, ``\\`` or NUL,
+    and is not ``.`` or ``..``.
+    """
+    if not 0 < len(name) <= STAGE_NAME_MAX_LENGTH:
+        raise ValueError(f"a stage name must have 1 to {STAGE_NAME_MAX_LENGTH} characters")
+    if any(c in name for c in "/\\\x00"):
+        raise ValueError("a stage name must not contain '/', '\\' or NUL")
+    if name in {".", ".."}:
+        raise ValueError("a stage name must not be '.' or '..'")
+    return name
+
+
+def stage_file_stem(stage_name: str) -> str:
+    """Return the file-name stem used for a stage's object.
+
+    Plain lowercase names (letters, digits, ``.``, ``_``, ``-``) are used as they
+    are. Any other name becomes a readable ASCII slug plus ``~`` and a hash of
+    the exact name, so distinct names never collide, not even on a
+    case-insensitive file system, and no name exceeds 255 bytes.
+    """
+    if (
+        _PLAIN_STAGE_RE.fullmatch(stage_name)
+        and not stage_name.endswith(".")
+        and stage_name.split(".")[0] not in _WINDOWS_RESERVED
+    ):
+        return stage_name
+    slug = _UNSAFE_CHAR_RE.sub("_", stage_name).lstrip(".")[:_SLUG_MAX].rstrip(".")
+    digest = hashlib.sha256(stage_name.encode("utf-8", "surrogatepass")).hexdigest()
+    return f"{slug}~{digest[:_HASH_CHARS]}"
+
+
+def task_prefix(task_id: str) -> str:
+    """Return the prefix (ending in ``/``) under which all of a task's objects live."""
+    return f"{task_id}/"
+
+
+def stage_obj_name(task_id: str, stage_name: str) -> str:
+    """Return the object name of a stage's persisted state."""
+    return f"{task_id}/{stage_file_stem(stage_name)}{STAGE_SUFFIX}"
+
+
+def lock_obj_name(task_id: str) -> str:
+    """Return the object name of a task's lock.
+
+    It cannot collide with a stage object: those end in ``.json``.
+    """
+    return f"{task_id}/{_LOCK_STEM}{LOCK_SUFFIX}"
+
+
+def check_obj_name(obj_name: str) -> str:
+    """Return ``obj_name`` if it is a safe relative object name, else raise.
+
+    Raises:
+        ConfigurationError: The name is empty, absolute, contains a backslash,
+            NUL, or an empty, ``.`` or ``..`` path component.
+    """
+    if not isinstance(obj_name, str) or not obj_name:
+        raise ConfigurationError(f"invalid object name {obj_name!r}", obj_name=None)
+    parts = obj_name.split("/")
+    if (
+        "\\" in obj_name
+        or "\x00" in obj_name
+        or any(part in {"", ".", ".."} for part in parts)
+    ):
+        raise ConfigurationError(
+            f"invalid object name {obj_name!r}: it must be a relative '/'-separated name "
+            "with no empty, '.' or '..' component, backslash or NUL",
+            obj_name=obj_name,
+        )
+    return obj_name

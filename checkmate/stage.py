@@ -1,0 +1,250 @@
+"""`BaseStage`: one step of a pipeline, with a typed, persisted state."""
+
+from __future__ import annotations
+
+import logging
+import time
+from abc import ABC, abstractmethod
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from .errors import TaskEngineException, TaskStateError
+from .models import STAGE_NAME_MAX_LENGTH, BaseStageState, StageStateHistoryEntry, StageStatus
+from .naming import check_stage_name, stage_obj_name
+from .transitions import can_transition
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
+
+    from .engine import CheckMateEngine
+
+__all__ = ["STAGE_STATE", "BaseStage"]
+
+logger = logging.getLogger(__name__)
+
+STAGE_STATE = TypeVar("STAGE_STATE", bound=BaseStageState[Any])
+"""Type variable for a stage's state model."""
+
+
+def _iso(timestamp: float, zone: str) -> str:
+    return datetime.fromtimestamp(timestamp, ZoneInfo(zone)).isoformat()
+
+
+class BaseStage(BaseModel, ABC, Generic[STAGE_STATE]):
+    """One stage of a pipeline: subclass it and implement `execute_stage`.
+
+    The stage's work reads inputs from ``previous_state_copy`` (and its own
+    fields) and writes its outputs into ``self.state``. The engine persists the
+    state at every status change; never change ``state.status`` yourself.
+
+    Example:
+        ```python
+        class Extract(BaseStage[EtlState]):
+            def execute_stage(self, previous_state_copy: EtlState) -> None:
+                self.state.rows = load_rows(self.state.input_path)
+        ```
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    stage_name: str = Field(..., min_length=1, max_length=STAGE_NAME_MAX_LENGTH, title="Stage Name")
+    """Unique name of the stage within its task; it names the stage's object."""
+    description: str = Field(default="", title="Stage Description")
+    """Short human-readable description."""
+    state: STAGE_STATE = Field(..., title="Stage State")
+    """The stage's persisted state."""
+    timezone: str = Field(default="UTC", title="Timezone")
+    """IANA time zone used for the timestamps in the stage's history."""
+    volatile_engine_ref: Any = Field(default=None, title="Task", exclude=True, repr=False)
+    """The engine the stage is bound to (set by the engine; never persisted)."""
+
+    @field_validator("stage_name")
+    @classmethod
+    def _check_stage_name(cls, value: str) -> str:
+        return check_stage_name(value)
+
+    @field_validator("timezone")
+    @classmethod
+    def _check_timezone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError) as exc:
+            raise ValueError(f"unknown IANA time zone {value!r}") from exc
+        return value
+
+    def __deepcopy__(self, memo: dict[int, Any] | None = None) -> Self:
+        # A copy of a bound stage is unbound: never deep-copy the engine.
+        memo = {} if memo is None else memo
+        if self.volatile_engine_ref is not None:
+            memo[id(self.volatile_engine_ref)] = None
+        return super().__deepcopy__(memo)
+
+    @abstractmethod
+    def execute_stage(self, previous_state_copy: STAGE_STATE) -> None:
+        """Do the stage's work; raise on failure.
+
+        Args:
+            previous_state_copy: For the first stage, a reference to this
+                stage's own state; for later stages, a deep copy of the
+                previous stage's state. Do not modify it.
+        """
+
+    def rollback_stage(self) -> None:
+        """Undo partial work after `execute_stage` raised (no-op by default).
+
+        Called before the stage is retried or marked ERROR, and when a run
+        interrupted by a crash is recovered. The state persisted with RETRY or
+        ERROR is the state as this method leaves it.
+        """
+
+    def cancel(self) -> None:
+        """Clean up when the task is canceled while this stage is current (no-op by default)."""
+
+    @property
+    def engine(self) -> CheckMateEngine[Any, Any]:
+        """The engine this stage is bound to.
+
+        Raises:
+            TaskStateError: The stage is not bound.
+        """
+        engine = self.volatile_engine_ref
+        if engine is None:
+            raise TaskStateError(
+                f"stage {self.stage_name!r} is not bound to an engine; bind the engine first",
+                stage_name=self.stage_name,
+            )
+        return engine  # type: ignore[no-any-return]
+
+    def bind_to_engine(self, task_engine: CheckMateEngine[Any, Any]) -> Self:
+        """Bind the stage to an engine, loading its persisted state if there is one.
+
+        Returns:
+            The stage itself.
+
+        Raises:
+            TaskEngineException: The stage is already bound, or its persisted
+                object is corrupt or does not match.
+        """
+        state = task_engine._load_stage_state(self)
+        self._attach(task_engine, state)
+        return self
+
+    def _attach(self, engine: CheckMateEngine[Any, Any], state: STAGE_STATE | None) -> None:
+        if self.volatile_engine_ref is not None:
+            raise TaskEngineException(
+                f"stage {self.stage_name!r} is already bound to an engine",
+                task_id=engine.task_id,
+                stage_name=self.stage_name,
+            )
+        if state is not None:
+            self.state = state
+        self.state.task_id = engine.task_id
+        self.state.stage_name = self.stage_name
+        self.volatile_engine_ref = engine
+
+    def _detach(self) -> None:
+        self.volatile_engine_ref = None
+
+    def gen_obj_name(self, engine: CheckMateEngine[Any, Any] | None = None) -> str:
+        """Return the name of this stage's object for ``engine`` (default: the bound engine)."""
+        task_engine = engine if engine is not None else self.engine
+        return stage_obj_name(task_engine.task_id, self.stage_name)
+
+    @property
+    def obj_name(self) -> str:
+        """The name of this stage's object (the stage must be bound)."""
+        return self.gen_obj_name()
+
+    @property
+    def url(self) -> str:
+        """The full URL of this stage's object (the stage must be bound)."""
+        return str(self.engine.io.url(self.obj_name))
+
+    def inc_attempts(self) -> int:
+        """Add one to ``state.attempts`` and return the new count."""
+        self.state.attempts += 1
+        return self.state.attempts
+
+    def persistence_file_exists(self) -> bool:
+        """Tell whether this stage's object exists in the engine's store."""
+        return bool(self.engine.io.exists(self.obj_name))
+
+    def update_status(
+        self,
+        message: str,
+        status: StageStatus,
+        begin_ts: float,
+        end_ts: float | None = None,
+    ) -> None:
+        """Change the stage's status, record it in the history and persist it.
+
+        Appends one `StageStateHistoryEntry`, writes the stage's object, then
+        calls the engine's ``state_update_hook``. If the write fails, the
+        in-memory state is left as it was.
+
+        Args:
+            message: What happened, in words.
+            status: The new status.
+            begin_ts: When the change (or the run it concludes) began, epoch seconds.
+            end_ts: When it ended, epoch seconds (default: now).
+
+        Raises:
+            TaskStateError: The status change is not allowed.
+            StorageError: The stage's object could not be written.
+        """
+        self._record(message, status, begin_ts, end_ts)
+
+    def _record(
+        self,
+        message: str,
+        status: StageStatus,
+        begin_ts: float,
+        end_ts: float | None = None,
+        *,
+        refund_attempt: bool = False,
+        create: bool = False,
+    ) -> None:
+        engine = self.engine
+        state = self.state
+        begin_status = state.status
+        if not can_transition(begin_status, status):
+            raise TaskStateError(
+                f"stage {self.stage_name!r} of task {engine.task_id!r} cannot change "
+                f"from {begin_status} to {status}",
+                task_id=engine.task_id,
+                stage_name=self.stage_name,
+            )
+        end = time.time() if end_ts is None else end_ts
+        attempts = state.attempts
+        entry = StageStateHistoryEntry(
+            attempt=attempts,
+            begin_status=begin_status,
+            end_status=status,
+            begin_ts=_iso(begin_ts, self.timezone),
+            end_ts=_iso(end, self.timezone),
+            message=message,
+            run_time_seconds=max(0.0, end - begin_ts),
+        )
+        state.history.append(entry)
+        state.status = status
+        if refund_attempt:
+            state.attempts = max(0, attempts - 1)
+        try:
+            engine._persist_stage(self, create=create)
+        except BaseException:
+            state.history.pop()
+            state.status = begin_status
+            state.attempts = attempts
+            raise
+        logger.debug(
+            "task %s stage %s: %s -> %s (%s)",
+            engine.task_id,
+            self.stage_name,
+            begin_status,
+            status,
+            message,
+        )
+        engine.state_update_hook(self)
