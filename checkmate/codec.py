@@ -26,7 +26,14 @@ from .models import BaseStageState, StageStatus
 from .stage import BaseStage
 from .transitions import can_transition
 
-__all__ = ["FORMAT_VERSION", "META_KEY", "class_path", "decode_state", "encode_stage", "meta_prefix"]
+__all__ = [
+    "FORMAT_VERSION",
+    "META_KEY",
+    "class_path",
+    "decode_state",
+    "encode_stage",
+    "meta_prefix",
+]
 
 FORMAT_VERSION = 1
 META_KEY = "checkmate"
@@ -45,7 +52,9 @@ def _same_class(stored: str, expected: str) -> bool:
     stored_mod, _, stored_name = stored.partition(".")
     expected_mod, _, expected_name = expected.partition(".")
     if "__main__" in (stored_mod, expected_mod):
-        return stored.rpartition(".")[2] == expected.rpartition(".")[2] and bool(stored_name and expected_name)
+        return stored.rpartition(".")[2] == expected.rpartition(".")[2] and bool(
+            stored_name and expected_name
+        )
     return False
 
 
@@ -57,7 +66,9 @@ def meta_prefix(stage: BaseStage[Any], position: int, stage_count: int) -> bytes
         "position": position,
         "stage_count": stage_count,
     }
-    return b'{"' + META_KEY.encode() + b'":' + json.dumps(meta, separators=(",", ":")).encode() + b","
+    return (
+        b'{"' + META_KEY.encode() + b'":' + json.dumps(meta, separators=(",", ":")).encode() + b","
+    )
 
 
 def encode_stage(stage: BaseStage[Any], prefix: bytes, task_id: str) -> bytes:
@@ -97,7 +108,8 @@ def _check_history(state: BaseStageState[Any]) -> str | None:
         if previous is not None and entry.begin_status is not previous:
             return f"history entry {index} begins at {entry.begin_status}, not {previous}"
         if not can_transition(entry.begin_status, entry.end_status):
-            return f"history entry {index} records an impossible change {entry.begin_status} -> {entry.end_status}"
+            change = f"{entry.begin_status} -> {entry.end_status}"
+            return f"history entry {index} records an impossible change {change}"
         if entry.attempt < last_attempt:
             return f"history entry {index} goes back to attempt {entry.attempt}"
         previous = entry.end_status
@@ -138,10 +150,15 @@ def decode_state(
         raise _corrupt(obj_name, task_id, name, f"no {META_KEY!r} member")
     if meta.get("format") != FORMAT_VERSION:
         raise _corrupt(
-            obj_name, task_id, name, f"unsupported format {meta.get('format')!r} (this version reads {FORMAT_VERSION})"
+            obj_name,
+            task_id,
+            name,
+            f"unsupported format {meta.get('format')!r} (this version reads {FORMAT_VERSION})",
         )
     if doc.get("stage_name") != name:
-        raise _corrupt(obj_name, task_id, name, f"it holds stage {doc.get('stage_name')!r}, not {name!r}")
+        raise _corrupt(
+            obj_name, task_id, name, f"it holds stage {doc.get('stage_name')!r}, not {name!r}"
+        )
     stored_class = meta.get("stage_class")
     expected_class = class_path(type(template))
     if not isinstance(stored_class, str) or not _same_class(stored_class, expected_class):
@@ -167,12 +184,15 @@ def decode_state(
     if not isinstance(raw_state, dict):
         raise _corrupt(obj_name, task_id, name, "no 'state' object")
     try:
-        state = type(template.state).model_validate(raw_state)
+        state: BaseStageState[Any] = type(template.state).model_validate(raw_state)
     except (ValidationError, ValueError, TypeError, RecursionError) as exc:
         raise _corrupt(obj_name, task_id, name, f"the state fails validation ({exc})") from exc
     if state.task_id != task_id or state.stage_name != name:
         raise _corrupt(
-            obj_name, task_id, name, f"the state belongs to task {state.task_id!r}, stage {state.stage_name!r}"
+            obj_name,
+            task_id,
+            name,
+            f"the state belongs to task {state.task_id!r}, stage {state.stage_name!r}",
         )
     if state.status is StageStatus.UNBOUND:
         raise _corrupt(obj_name, task_id, name, "a persisted stage cannot be UNBOUND")

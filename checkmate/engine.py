@@ -231,7 +231,7 @@ class CheckMateEngine(Generic[STAGE, STAGE_RESULT]):
 
         A lock object does not prove that a process still runs the task.
         """
-        return self._call("check", self.lock_obj_name, lambda: self.io.exists(self.lock_obj_name))
+        return self._call("check", self.lock_obj_name, self.io.exists, self.lock_obj_name)
 
     @property
     def status(self) -> StageStatus:
@@ -256,7 +256,7 @@ class CheckMateEngine(Generic[STAGE, STAGE_RESULT]):
     @property
     def cumulative_attempts(self) -> int:
         """The number of attempts of all stages together."""
-        return sum(stage.state.attempts for stage in self._view())
+        return self._attempts(self._view())
 
     # ------------------------------------------------------------------ context manager
 
@@ -276,9 +276,10 @@ class CheckMateEngine(Generic[STAGE, STAGE_RESULT]):
 
     # ------------------------------------------------------------------ storage helpers
 
-    def _call(self, action: str, obj_name: str, func: Callable[[], _T]) -> _T:
+    def _call(self, action: str, obj_name: str, func: Callable[..., _T], *args: Any) -> _T:
+        """Run one storage call; wrap backend errors (except not-found) in StorageError."""
         try:
-            return func()
+            return func(*args)
         except TaskEngineException:
             raise
         except OSError as exc:
@@ -292,9 +293,9 @@ class CheckMateEngine(Generic[STAGE, STAGE_RESULT]):
         data = encode_stage(stage, self._prefixes[position], self.task_id)
         name = stage_obj_name(self.task_id, stage.stage_name)
         if not create:
-            self._call("write", name, lambda: self.io.write(name, data))
+            self._call("write", name, self.io.write, name, data)
             return
-        if not self._call("create", name, lambda: self.io.create(name, data)):
+        if not self._call("create", name, self.io.create, name, data):
             raise StateMismatchError(
                 f"stage object {name!r} of task {self.task_id!r} appeared while the task was "
                 "being created: another process is running it without a lock",
@@ -307,7 +308,7 @@ class CheckMateEngine(Generic[STAGE, STAGE_RESULT]):
         position = self._template_position(stage.stage_name)
         name = stage_obj_name(self.task_id, stage.stage_name)
         try:
-            data = self._call("read", name, lambda: self.io.read(name))
+            data = self._call("read", name, self.io.read, name)
         except FileNotFoundError:
             return None
         return self._decode(position, name, data)
@@ -336,8 +337,10 @@ class CheckMateEngine(Generic[STAGE, STAGE_RESULT]):
     def _read_persisted(self) -> list[BaseStageState[Any] | None]:
         """Read and validate every stage object of the task; None where there is none."""
         prefix = task_prefix(self.task_id)
-        names = [stage_obj_name(self.task_id, t.stage_name) for t in self.task_state.stage_templates]
-        listed = self._call("list", prefix, lambda: self.io.list(prefix))
+        names = [
+            stage_obj_name(self.task_id, t.stage_name) for t in self.task_state.stage_templates
+        ]
+        listed = self._call("list", prefix, self.io.list, prefix)
         expected = set(names)
         strangers = [n for n in listed if n.endswith(STAGE_SUFFIX) and n not in expected]
         if strangers:
@@ -350,7 +353,7 @@ class CheckMateEngine(Generic[STAGE, STAGE_RESULT]):
             )
         present = set(listed)
         wanted = [n for n in names if n in present]
-        found = self._call("read", prefix, lambda: self.io.read_many(wanted)) if wanted else {}
+        found = self._call("read", prefix, self.io.read_many, wanted) if wanted else {}
         return [
             self._decode(i, name, found[name]) if name in found else None
             for i, name in enumerate(names)
@@ -361,7 +364,7 @@ class CheckMateEngine(Generic[STAGE, STAGE_RESULT]):
         if self._bound:
             return self._stages
         stages = self._fresh_stages()
-        for stage, state in zip(stages, self._read_persisted()):
+        for stage, state in zip(stages, self._read_persisted(), strict=True):
             if state is not None:
                 stage.state = state
         return stages
@@ -402,7 +405,9 @@ class CheckMateEngine(Generic[STAGE, STAGE_RESULT]):
             raise TaskStateError(
                 f"engine for task {self.task_id!r} is already bound", task_id=self.task_id
             )
-        lock = None if self.no_lock else BindLock(self.io, self.lock_obj_name, self.bind_lock_timeout)
+        lock = (
+            None if self.no_lock else BindLock(self.io, self.lock_obj_name, self.bind_lock_timeout)
+        )
         if lock is not None:
             lock.acquire()
         stages = self._fresh_stages()
@@ -410,13 +415,13 @@ class CheckMateEngine(Generic[STAGE, STAGE_RESULT]):
             states = self._states_for_bind()
             self._check_statuses([_S.CREATED if st is None else st.status for st in states])
             self._positions = {id(s): i for i, s in enumerate(stages)}
-            for stage, state in zip(stages, states):
+            for stage, state in zip(stages, states, strict=True):
                 stage._attach(self, state)
             self._stages = stages
             self._lock = lock
             self._bound = True
             now = time.time()
-            for stage, state in zip(stages, states):
+            for stage, state in zip(stages, states, strict=True):
                 if state is None:
                     stage._record("stage created", _S.CREATED, now, now, create=True)
         except BaseException:
@@ -436,7 +441,7 @@ class CheckMateEngine(Generic[STAGE, STAGE_RESULT]):
             return self._read_persisted()
         prefix = task_prefix(self.task_id)
         lock_name = self.lock_obj_name
-        listed = self._call("list", prefix, lambda: self.io.list(prefix))
+        listed = self._call("list", prefix, self.io.list, prefix)
         existing = [n for n in listed if not n.startswith(lock_name)]
         if existing:
             raise StateMismatchError(
@@ -459,7 +464,9 @@ class CheckMateEngine(Generic[STAGE, STAGE_RESULT]):
             TaskStateError: The engine is not bound.
         """
         if not self._bound:
-            raise TaskStateError(f"engine for task {self.task_id!r} is not bound", task_id=self.task_id)
+            raise TaskStateError(
+                f"engine for task {self.task_id!r} is not bound", task_id=self.task_id
+            )
         try:
             if clean or self.auto_cleanup:
                 self._delete_task_objects()
@@ -472,19 +479,23 @@ class CheckMateEngine(Generic[STAGE, STAGE_RESULT]):
             lock, self._lock = self._lock, None
             if lock is not None:
                 lock.release()
-        logger.info("unbound task %s%s", self.task_id, " and deleted its objects" if clean or self.auto_cleanup else "")
+        logger.info(
+            "unbound task %s%s",
+            self.task_id,
+            " and deleted its objects" if clean or self.auto_cleanup else "",
+        )
 
     def _delete_task_objects(self) -> None:
         for template in self.task_state.stage_templates:
             name = stage_obj_name(self.task_id, template.stage_name)
-            self._call("delete", name, lambda n=name: self.io.delete(n))
+            self._call("delete", name, self.io.delete, name)
         if self.no_lock:
             return
         lock_name = self.lock_obj_name
         prefix = task_prefix(self.task_id)
-        for name in self._call("list", prefix, lambda: self.io.list(prefix)):
+        for name in self._call("list", prefix, self.io.list, prefix):
             if name.startswith(lock_name) and name != lock_name:
-                self._call("delete", name, lambda n=name: self.io.delete(n))
+                self._call("delete", name, self.io.delete, name)
 
     # ------------------------------------------------------------------ execution
 
@@ -536,8 +547,12 @@ class CheckMateEngine(Generic[STAGE, STAGE_RESULT]):
 
     def _budget_left(self, stage: BaseStage[Any]) -> bool:
         if self.retry_policy is RetryPolicy.GLOBAL:
-            return sum(s.state.attempts for s in self._stages) < self.max_attempts
-        return stage.state.attempts < self.max_attempts
+            return self._attempts(self._stages) < self.max_attempts
+        return int(stage.state.attempts) < self.max_attempts
+
+    @staticmethod
+    def _attempts(stages: Sequence[BaseStage[Any]]) -> int:
+        return sum(int(stage.state.attempts) for stage in stages)
 
     def _failure(self, stage: BaseStage[Any], cause: BaseException | None) -> StageFailedError:
         history = stage.state.history
@@ -557,7 +572,9 @@ class CheckMateEngine(Generic[STAGE, STAGE_RESULT]):
         try:
             stage.rollback_stage()
         except Exception as exc:
-            logger.exception("rollback of stage %s of task %s failed", stage.stage_name, self.task_id)
+            logger.exception(
+                "rollback of stage %s of task %s failed", stage.stage_name, self.task_id
+            )
             stage._record(f"{reason}; rollback failed: {exc!r}", _S.ERROR, begin)
             raise self._failure(stage, exc) from exc
 
@@ -598,7 +615,9 @@ class CheckMateEngine(Generic[STAGE, STAGE_RESULT]):
                     now,
                 )
                 raise self._failure(stage, last_error)
-            previous = stage.state if index == 0 else self._stages[index - 1].state.model_copy(deep=True)
+            previous = (
+                stage.state if index == 0 else self._stages[index - 1].state.model_copy(deep=True)
+            )
             attempt = stage.inc_attempts()
             begin = time.time()
             try:
@@ -630,7 +649,9 @@ class CheckMateEngine(Generic[STAGE, STAGE_RESULT]):
             stage._record(f"attempt {attempt} completed", _S.COMPLETE, begin)
             return
 
-    def _interrupted(self, stage: BaseStage[Any], begin: float, attempt: int, exc: BaseException) -> None:
+    def _interrupted(
+        self, stage: BaseStage[Any], begin: float, attempt: int, exc: BaseException
+    ) -> None:
         """Record a run stopped by KeyboardInterrupt/SystemExit so the task stays resumable."""
         name = type(exc).__name__
         try:
@@ -732,7 +753,7 @@ class CheckMateEngine(Generic[STAGE, STAGE_RESULT]):
                 task_id=self.task_id,
             )
         views = []
-        for template, state in zip(self.task_state.stage_templates, states):
+        for template, state in zip(self.task_state.stage_templates, states, strict=True):
             name = stage_obj_name(self.task_id, template.stage_name)
             location = name.rpartition("/")[2] if basenames_only else self.io.url(name)
             views.append(
@@ -766,4 +787,3 @@ class CheckMateEngine(Generic[STAGE, STAGE_RESULT]):
             return persisted == self._stage_views("memory", basenames_only=False)
         except (TaskEngineException, OSError):
             return False
-

@@ -221,9 +221,7 @@ class BindLock:
             self.task_io.delete(marker)
             return "the stale lock changed while we took it over; try again"
         self.task_io.write(self.obj_name, data)
-        logger.warning(
-            "took over lock %s from dead process %s", self.obj_name, stale.describe()
-        )
+        logger.warning("took over lock %s from dead process %s", self.obj_name, stale.describe())
         self._taken(mine, marker=marker)
         return None
 

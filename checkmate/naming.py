@@ -39,9 +39,7 @@ _TASK_ID_RE = re.compile(r"[A-Za-z0-9_\-][A-Za-z0-9._\-]*")
 _PLAIN_STAGE_RE = re.compile(r"[a-z0-9_\-][a-z0-9._\-]*")
 _UNSAFE_CHAR_RE = re.compile(r"[^A-Za-z0-9._\-]")
 _WINDOWS_RESERVED = frozenset(
-    {"con", "prn", "aux", "nul"}
-    | {f"com{i}" for i in range(10)}
-    | {f"lpt{i}" for i in range(10)}
+    {"con", "prn", "aux", "nul"} | {f"com{i}" for i in range(10)} | {f"lpt{i}" for i in range(10)}
 )
 _SLUG_MAX = 96
 _HASH_CHARS = 16
@@ -60,13 +58,8 @@ def check_task_id(task_id: object) -> str:
             ``.``, ``_`` or ``-`` that does not start with ``.``.
     """
     if not isinstance(task_id, str):
-        raise ConfigurationError(
-            f"task_id must be a string or None, not {type(task_id).__name__}"
-        )
-    if (
-        not 0 < len(task_id) <= TASK_ID_MAX_LENGTH
-        or not _TASK_ID_RE.fullmatch(task_id)
-    ):
+        raise ConfigurationError(f"task_id must be a string or None, not {type(task_id).__name__}")
+    if not 0 < len(task_id) <= TASK_ID_MAX_LENGTH or not _TASK_ID_RE.fullmatch(task_id):
         raise ConfigurationError(
             f"invalid task_id {task_id!r}: use 1 to {TASK_ID_MAX_LENGTH} letters, digits, "
             "'.', '_' or '-', not starting with '.' (pass task_id=None to generate one)",
@@ -101,7 +94,7 @@ def stage_file_stem(stage_name: str) -> str:
     if (
         _PLAIN_STAGE_RE.fullmatch(stage_name)
         and not stage_name.endswith(".")
-        and stage_name.split(".")[0] not in _WINDOWS_RESERVED
+        and stage_name.split(".", maxsplit=1)[0] not in _WINDOWS_RESERVED
     ):
         return stage_name
     slug = _UNSAFE_CHAR_RE.sub("_", stage_name).lstrip(".")[:_SLUG_MAX].rstrip(".")
@@ -137,11 +130,7 @@ def check_obj_name(obj_name: str) -> str:
     if not isinstance(obj_name, str) or not obj_name:
         raise ConfigurationError(f"invalid object name {obj_name!r}", obj_name=None)
     parts = obj_name.split("/")
-    if (
-        "\\" in obj_name
-        or "\x00" in obj_name
-        or any(part in {"", ".", ".."} for part in parts)
-    ):
+    if "\\" in obj_name or "\x00" in obj_name or any(part in {"", ".", ".."} for part in parts):
         raise ConfigurationError(
             f"invalid object name {obj_name!r}: it must be a relative '/'-separated name "
             "with no empty, '.' or '..' component, backslash or NUL",

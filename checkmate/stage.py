@@ -129,7 +129,7 @@ class BaseStage(BaseModel, ABC, Generic[STAGE_STATE]):
                 object is corrupt or does not match.
         """
         state = task_engine._load_stage_state(self)
-        self._attach(task_engine, state)
+        self._attach(task_engine, state)  # type: ignore[arg-type]
         return self
 
     def _attach(self, engine: CheckMateEngine[Any, Any], state: STAGE_STATE | None) -> None:

@@ -155,7 +155,7 @@ class FsspecTaskIO(TaskIO):
             stripped = self._fs._strip_protocol(path)
             if not stripped.startswith(root):
                 continue
-            name = stripped[len(root):]
+            name = stripped[len(root) :]
             if name.startswith(prefix) and name:
                 names.append(name)
         names.sort()
