@@ -11,7 +11,14 @@ from collections.abc import Iterable, Mapping, Sequence
 
 from .models import StageStatus
 
-__all__ = ["TRANSITIONS", "aggregate_status", "can_transition", "find_invalid_pair", "may_follow"]
+__all__ = [
+    "TRANSITIONS",
+    "aggregate_status",
+    "can_transition",
+    "find_invalid_pair",
+    "may_follow",
+    "mermaid_diagram",
+]
 
 _S = StageStatus
 
@@ -69,3 +76,15 @@ def aggregate_status(statuses: Iterable[StageStatus]) -> StageStatus:
         if status in present:
             return status
     return _S.CREATED
+
+
+def mermaid_diagram() -> str:
+    """Return the state machine as a Mermaid ``stateDiagram-v2`` (used by the docs)."""
+    lines = ["stateDiagram-v2"]
+    for begin, ends in TRANSITIONS.items():
+        lines.extend(
+            f"    {begin.value} --> {end.value}"
+            for end in sorted(ends, key=lambda status: list(StageStatus).index(status))
+        )
+    lines.extend(f"    {status.value} --> [*]" for status, ends in TRANSITIONS.items() if not ends)
+    return "\n".join(lines)
