@@ -23,7 +23,7 @@ def lint(session: nox.Session) -> None:
     """Ruff: lint and formatting."""
     session.install("ruff>=0.6")
     session.run("ruff", "check", ".")
-    session.run("ruff", "format", "--check", ".")
+    session.run("ruff", "format", "--check", "checkmate", "tests", "examples", "noxfile.py")
 
 
 @nox.session

@@ -15,7 +15,7 @@ import sys
 import tempfile
 
 from colorama import Fore
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from checkmate import BaseStage, BaseStageState, CheckMateEngine, LocalTaskIO, RetryPolicy
 
@@ -32,7 +32,7 @@ class DocState(BaseStageState[WordCount]):
     """The state every stage carries; the engine persists it at each step."""
 
     text: str = ""
-    words: list[str] = []
+    words: list[str] = Field(default_factory=list)
 
 
 class Fetch(BaseStage[DocState]):
