@@ -14,6 +14,7 @@ from .errors import (
     LockUnsupportedError,
     StageFailedError,
     StateMismatchError,
+    StateSerializationError,
     StorageError,
     TaskEngineException,
     TaskStateError,
@@ -32,6 +33,7 @@ from .models import (
     StageStateHistoryEntry,
     StageStatus,
 )
+from .retry import StorageRetry
 from .stage import STAGE_STATE, BaseStage
 from .storage import FsspecTaskIO, LocalTaskIO, TaskIO
 
@@ -64,7 +66,9 @@ __all__ = [
     "StageStateHistoryEntry",
     "StageStatus",
     "StateMismatchError",
+    "StateSerializationError",
     "StorageError",
+    "StorageRetry",
     "TaskEngineException",
     "TaskEngineState",
     "TaskIO",

@@ -21,7 +21,7 @@ from typing import Any
 from pydantic import ValidationError
 from pydantic_core import PydanticSerializationError
 
-from .errors import ConfigurationError, CorruptStateError, StateMismatchError
+from .errors import CorruptStateError, StateMismatchError, StateSerializationError
 from .models import BaseStageState, StageStatus
 from .stage import BaseStage
 from .transitions import can_transition
@@ -75,12 +75,12 @@ def encode_stage(stage: BaseStage[Any], prefix: bytes, task_id: str) -> bytes:
     """Serialise a stage to its object bytes (``prefix`` from `meta_prefix`).
 
     Raises:
-        ConfigurationError: The stage or its state holds a value JSON cannot hold.
+        StateSerializationError: The stage or its state holds a value JSON cannot hold.
     """
     try:
         body = stage.model_dump_json(warnings="error")
     except (PydanticSerializationError, ValueError, TypeError) as exc:
-        raise ConfigurationError(
+        raise StateSerializationError(
             f"stage {stage.stage_name!r} of task {task_id!r} cannot be saved: its state "
             f"holds a value that is not JSON-serialisable ({exc}); keep only JSON-friendly "
             "types (or Pydantic models of them) in the state",

@@ -21,6 +21,7 @@ from .errors import (
     InterruptedStageError,
     StageFailedError,
     StateMismatchError,
+    StateSerializationError,
     StorageError,
     TaskEngineException,
     TaskStateError,
@@ -36,6 +37,7 @@ from .naming import (
     task_prefix,
 )
 from .render import StageView, render_stages
+from .retry import StorageRetry
 from .stage import BaseStage
 from .storage.base import TaskIO
 from .transitions import aggregate_status, find_invalid_pair
@@ -88,6 +90,9 @@ class CheckMateEngine(Generic[STAGE, STAGE_RESULT]):
         auto_cleanup: Delete all of the task's objects on unbind, whatever the outcome.
         no_lock: Take no lock (only when nothing else can run the task).
         force_create: Treat the task as new without reading state; fail if state exists.
+        storage_retry: How failed storage calls are retried (default: 5 tries
+            within about 1.5 s); when the last try fails the engine raises
+            `StorageError` and the task stays resumable.
 
     Raises:
         ConfigurationError: No templates, a template that is not a stage, a
@@ -114,6 +119,8 @@ class CheckMateEngine(Generic[STAGE, STAGE_RESULT]):
         auto_cleanup: bool = False,
         no_lock: bool = False,
         force_create: bool = False,
+        *,
+        storage_retry: StorageRetry | None = None,
     ) -> None:
         if not isinstance(io, TaskIO):
             raise ConfigurationError(f"io must be a TaskIO, not {type(io).__name__}")
@@ -147,6 +154,7 @@ class CheckMateEngine(Generic[STAGE, STAGE_RESULT]):
         self.auto_cleanup = auto_cleanup
         self.no_lock = no_lock
         self.force_create = force_create
+        self.storage_retry = storage_retry if storage_retry is not None else StorageRetry()
         self.task_state: TaskEngineState[STAGE] = TaskEngineState(
             stage_template_classes=[class_path(type(t)) for t in templates],
             stage_templates=[t.model_copy(deep=True) for t in templates],
@@ -180,6 +188,14 @@ class CheckMateEngine(Generic[STAGE, STAGE_RESULT]):
                 raise ConfigurationError(
                     f"stage {name!r} has a state of type {type(template.state).__name__}, "
                     "which is not a BaseStageState",
+                    task_id=self.task_id,
+                    stage_name=name,
+                )
+            declared = type(template).model_fields["state"].annotation
+            if isinstance(declared, type) and not isinstance(template.state, declared):
+                raise ConfigurationError(
+                    f"stage {name!r} declares a state of type {declared.__name__} but holds a "
+                    f"{type(template.state).__name__}",
                     task_id=self.task_id,
                     stage_name=name,
                 )
@@ -279,7 +295,7 @@ class CheckMateEngine(Generic[STAGE, STAGE_RESULT]):
     def _call(self, action: str, obj_name: str, func: Callable[..., _T], *args: Any) -> _T:
         """Run one storage call; wrap backend errors (except not-found) in StorageError."""
         try:
-            return func(*args)
+            return self.storage_retry.call(func, *args)
         except TaskEngineException:
             raise
         except OSError as exc:
@@ -295,7 +311,9 @@ class CheckMateEngine(Generic[STAGE, STAGE_RESULT]):
         if not create:
             self._call("write", name, self.io.write, name, data)
             return
-        if not self._call("create", name, self.io.create, name, data):
+        if not self._call("create", name, self.io.create, name, data) and not self._is_ours(
+            name, data
+        ):
             raise StateMismatchError(
                 f"stage object {name!r} of task {self.task_id!r} appeared while the task was "
                 "being created: another process is running it without a lock",
@@ -303,6 +321,13 @@ class CheckMateEngine(Generic[STAGE, STAGE_RESULT]):
                 stage_name=stage.stage_name,
                 obj_name=name,
             )
+
+    def _is_ours(self, name: str, data: bytes) -> bool:
+        """After a create that reported "exists": did an earlier, retried try of ours land?"""
+        try:
+            return bool(self._call("read", name, self.io.read, name) == data)
+        except FileNotFoundError:
+            return False
 
     def _load_stage_state(self, stage: BaseStage[Any]) -> BaseStageState[Any] | None:
         position = self._template_position(stage.stage_name)
@@ -629,25 +654,37 @@ class CheckMateEngine(Generic[STAGE, STAGE_RESULT]):
                 stage.execute_stage(previous)
             except Exception as exc:
                 last_error = exc
-                logger.warning(
-                    "stage %s of task %s failed on attempt %d: %r",
-                    stage.stage_name,
-                    self.task_id,
-                    attempt,
-                    exc,
-                )
-                reason = f"attempt {attempt} failed: {exc!r}"
-                self._rollback(stage, begin, reason)
-                if self._budget_left(stage):
-                    stage._record(f"{reason}; will retry", _S.RETRY, begin)
-                    continue
-                stage._record(f"{reason}; no attempts left", _S.ERROR, begin)
-                raise self._failure(stage, exc) from exc
+                self._stage_failed(stage, exc, attempt, begin)
+                continue
             except BaseException as exc:
                 self._interrupted(stage, begin, attempt, exc)
                 raise
-            stage._record(f"attempt {attempt} completed", _S.COMPLETE, begin)
+            try:
+                stage._record(f"attempt {attempt} completed", _S.COMPLETE, begin)
+            except StateSerializationError as exc:
+                last_error = exc
+                self._stage_failed(stage, exc, attempt, begin)
+                continue
             return
+
+    def _stage_failed(
+        self, stage: BaseStage[Any], exc: Exception, attempt: int, begin: float
+    ) -> None:
+        """Roll back a failed run; persist RETRY and return, or persist ERROR and raise."""
+        logger.warning(
+            "stage %s of task %s failed on attempt %d: %r",
+            stage.stage_name,
+            self.task_id,
+            attempt,
+            exc,
+        )
+        reason = f"attempt {attempt} failed: {exc!r}"
+        self._rollback(stage, begin, reason)
+        if self._budget_left(stage):
+            stage._record(f"{reason}; will retry", _S.RETRY, begin)
+            return
+        stage._record(f"{reason}; no attempts left", _S.ERROR, begin)
+        raise self._failure(stage, exc) from exc
 
     def _interrupted(
         self, stage: BaseStage[Any], begin: float, attempt: int, exc: BaseException

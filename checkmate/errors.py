@@ -8,6 +8,7 @@ handlers keep working::
 
     TaskEngineException
     ├── ConfigurationError (also ValueError)   bad arguments, ids, names, templates
+    ├── StateSerializationError (also TypeError) a state holds a value JSON cannot hold
     ├── BindException                          the task's lock could not be taken
     │   └── LockUnsupportedError               the store cannot provide an atomic lock
     ├── TaskStateError                         the operation does not fit the task's state
@@ -30,6 +31,7 @@ __all__ = [
     "LockUnsupportedError",
     "StageFailedError",
     "StateMismatchError",
+    "StateSerializationError",
     "StorageError",
     "TaskEngineException",
     "TaskStateError",
@@ -91,6 +93,14 @@ class ConfigurationError(TaskEngineException, ValueError):
     """An argument, task id, stage name or stage template is invalid.
 
     Raised before anything is written to storage.
+    """
+
+
+class StateSerializationError(TaskEngineException, TypeError):
+    """A stage's state holds a value that cannot be saved as JSON.
+
+    Raised by a run that produced such a value, it counts as a failure of that
+    run (rolled back, retried per the policy).
     """
 
 

@@ -18,19 +18,23 @@ import random
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from datetime import datetime, timezone
 from types import TracebackType
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ._host import process_alive, process_start_time, this_host
-from .errors import BindException, ConfigurationError, LockUnsupportedError
+from .errors import BindException, ConfigurationError, LockUnsupportedError, StorageError
+from .retry import StorageRetry
 from .storage.base import TaskIO
 
 __all__ = ["BindLock", "LockOwner"]
 
 logger = logging.getLogger(__name__)
 
+_T = TypeVar("_T")
 _FIRST_DELAY = 0.005
 _MAX_DELAY = 0.25
 
@@ -99,6 +103,7 @@ class BindLock:
         task_io: The store that holds the lock object.
         obj_name: The lock object's name.
         acquire_timeout: None to try once; otherwise seconds to keep trying.
+        storage_retry: How failed storage calls are retried (default `StorageRetry()`).
 
     Raises:
         ConfigurationError: ``acquire_timeout`` is negative.
@@ -111,7 +116,12 @@ class BindLock:
     """
 
     def __init__(
-        self, task_io: TaskIO, obj_name: str, acquire_timeout: float | None = None
+        self,
+        task_io: TaskIO,
+        obj_name: str,
+        acquire_timeout: float | None = None,
+        *,
+        storage_retry: StorageRetry | None = None,
     ) -> None:
         if acquire_timeout is not None and acquire_timeout < 0:
             raise ConfigurationError(
@@ -121,6 +131,7 @@ class BindLock:
         self.task_io = task_io
         self.obj_name = obj_name
         self.acquire_timeout = acquire_timeout
+        self.storage_retry = storage_retry if storage_retry is not None else StorageRetry()
         self._is_locked = False
         self._thread_lock = threading.Lock()
         self._owner: LockOwner | None = None
@@ -192,17 +203,21 @@ class BindLock:
         """Try once; return None on success, else why the lock is not ours."""
         mine = LockOwner.for_this_process()
         data = mine.model_dump_json().encode()
-        if self.task_io.create(self.obj_name, data):
+        if self._io(self.task_io.create, self.obj_name, data):
             self._taken(mine, marker=None)
             return None
         try:
-            current_bytes = self.task_io.read(self.obj_name)
+            current_bytes = self._io(self.task_io.read, self.obj_name)
         except FileNotFoundError:
             return "it was released while we looked; try again"
         try:
             current = LockOwner.model_validate_json(current_bytes)
         except ValidationError:
             return "the lock object cannot be parsed, which counts as held"
+        if current.token == mine.token:
+            # An earlier try of our own create landed before its reply was lost.
+            self._taken(mine, marker=None)
+            return None
         if not current.is_dead():
             return f"it is held by {current.describe()}"
         return self._take_over(current, current_bytes, mine, data)
@@ -211,16 +226,16 @@ class BindLock:
         self, stale: LockOwner, stale_bytes: bytes, mine: LockOwner, data: bytes
     ) -> str | None:
         marker = f"{self.obj_name}.takeover-{stale.token}"
-        if not self.task_io.create(marker, data):
+        if not self._io(self.task_io.create, marker, data):
             return f"another process is taking over the stale lock of {stale.describe()}"
         try:
-            still = self.task_io.read(self.obj_name)
+            still = self._io(self.task_io.read, self.obj_name)
         except FileNotFoundError:
             still = None
         if still != stale_bytes:
-            self.task_io.delete(marker)
+            self._io(self.task_io.delete, marker)
             return "the stale lock changed while we took it over; try again"
-        self.task_io.write(self.obj_name, data)
+        self._io(self.task_io.write, self.obj_name, data)
         logger.warning("took over lock %s from dead process %s", self.obj_name, stale.describe())
         self._taken(mine, marker=marker)
         return None
@@ -240,16 +255,32 @@ class BindLock:
             if not self._is_locked or self._owner is None:
                 return
             try:
-                current = LockOwner.model_validate_json(self.task_io.read(self.obj_name))
-            except (FileNotFoundError, ValidationError):
-                current = None
-            if current is not None and current.token == self._owner.token:
-                self.task_io.delete(self.obj_name)
-            else:
-                logger.warning("lock %s is no longer ours; leaving it in place", self.obj_name)
-            if self._marker is not None:
-                self.task_io.delete(self._marker)
-            self._is_locked = False
-            self._owner = None
-            self._marker = None
+                try:
+                    current_bytes = self._io(self.task_io.read, self.obj_name)
+                    current: LockOwner | None = LockOwner.model_validate_json(current_bytes)
+                except (FileNotFoundError, ValidationError):
+                    current = None
+                if current is not None and current.token == self._owner.token:
+                    self._io(self.task_io.delete, self.obj_name)
+                else:
+                    logger.warning("lock %s is no longer ours; leaving it in place", self.obj_name)
+                if self._marker is not None:
+                    self._io(self.task_io.delete, self._marker)
+            finally:
+                self._is_locked = False
+                self._owner = None
+                self._marker = None
             logger.debug("released lock %s", self.obj_name)
+
+    def _io(self, func: Callable[..., _T], *args: Any) -> _T:
+        """Run one storage call with retries; a final failure becomes a StorageError."""
+        try:
+            return self.storage_retry.call(func, *args)
+        except OSError as exc:
+            if not StorageRetry.is_transient(exc):
+                raise
+            raise StorageError(
+                f"storage failed while handling lock {self.obj_name!r}: {exc!r}; "
+                "check the store and try again",
+                obj_name=self.obj_name,
+            ) from exc

@@ -16,7 +16,6 @@ from .errors import ConfigurationError
 from .models import STAGE_NAME_MAX_LENGTH
 
 __all__ = [
-    "LOCK_SUFFIX",
     "STAGE_SUFFIX",
     "TASK_ID_MAX_LENGTH",
     "check_obj_name",
@@ -31,8 +30,9 @@ __all__ = [
 
 TASK_ID_MAX_LENGTH = 128
 STAGE_SUFFIX = ".json"
-LOCK_SUFFIX = ".lock"
-_LOCK_STEM = "task"
+# No stage object name can start with this: plain stems have no "~", and a
+# hashed stem has only hex digits after its "~".
+_LOCK_NAME = "task~lock"
 
 _TASK_ID_RE = re.compile(r"[A-Za-z0-9_\-][A-Za-z0-9._\-]*")
 # Stage names made only of these characters are used as they are in object names.
@@ -94,12 +94,19 @@ def stage_file_stem(stage_name: str) -> str:
     if (
         _PLAIN_STAGE_RE.fullmatch(stage_name)
         and not stage_name.endswith(".")
-        and stage_name.split(".", maxsplit=1)[0] not in _WINDOWS_RESERVED
+        and not _is_device_name(stage_name)
     ):
         return stage_name
     slug = _UNSAFE_CHAR_RE.sub("_", stage_name).lstrip(".")[:_SLUG_MAX].rstrip(".")
+    if _is_device_name(slug):
+        slug = "_" + slug
     digest = hashlib.sha256(stage_name.encode("utf-8", "surrogatepass")).hexdigest()
     return f"{slug}~{digest[:_HASH_CHARS]}"
+
+
+def _is_device_name(stem: str) -> bool:
+    """Tell whether Windows would read the name as a device (``con``, ``nul.txt``, ...)."""
+    return stem.split(".", maxsplit=1)[0].rstrip(" ").lower() in _WINDOWS_RESERVED
 
 
 def task_prefix(task_id: str) -> str:
@@ -113,11 +120,12 @@ def stage_obj_name(task_id: str, stage_name: str) -> str:
 
 
 def lock_obj_name(task_id: str) -> str:
-    """Return the object name of a task's lock.
+    """Return the object name of a task's lock (``<task_id>/task~lock``).
 
-    It cannot collide with a stage object: those end in ``.json``.
+    No stage object's name starts with it, so every object whose name does
+    belongs to the lock.
     """
-    return f"{task_id}/{_LOCK_STEM}{LOCK_SUFFIX}"
+    return f"{task_id}/{_LOCK_NAME}"
 
 
 def check_obj_name(obj_name: str) -> str:

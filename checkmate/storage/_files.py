@@ -2,16 +2,27 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import secrets
+import time
 from pathlib import Path
+
+from .._host import process_alive, this_host
 
 logger = logging.getLogger(__name__)
 
 TEMP_MARKER = ".cmtmp-"
 _DIR_FSYNC = os.name != "nt"
 _MAKEDIRS_TRIES = 5
+_STALE_TEMP_SECONDS = 3600.0
+
+
+def _host_tag() -> str:
+    host = this_host()
+    ident = f"{host.hostname}|{host.boot_id}|{host.pid_namespace}"
+    return hashlib.sha256(ident.encode()).hexdigest()[:8]
 
 
 def is_temp_name(basename: str) -> bool:
@@ -20,7 +31,9 @@ def is_temp_name(basename: str) -> bool:
 
 
 def _temp_path(path: Path) -> Path:
-    return path.with_name(f".{path.name}{TEMP_MARKER}{os.getpid()}-{secrets.token_hex(4)}")
+    # The writer's host tag and pid let a later sweep tell a dead writer's leftovers.
+    tag = f"{_host_tag()}-{os.getpid()}-{secrets.token_hex(4)}"
+    return path.with_name(f".{path.name}{TEMP_MARKER}{tag}")
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -138,3 +151,37 @@ def list_files(root: Path, prefix: str) -> list[str]:
                 names.append(name)
     names.sort()
     return names
+
+
+def _temp_is_stale(path: Path, now: float) -> bool:
+    """A temp file is stale when its writer is a dead process of this host, or it is old."""
+    tag = path.name.rpartition(TEMP_MARKER)[2].split("-")
+    mine = len(tag) == 3 and tag[0] == _host_tag() and tag[1].isdigit()
+    if mine and not process_alive(int(tag[1]), None):
+        return True
+    try:
+        return now - path.stat().st_mtime > _STALE_TEMP_SECONDS
+    except FileNotFoundError:
+        return False
+
+
+def sweep_temp_files(root: Path, prefix: str) -> int:
+    """Delete stale temp files below ``root`` whose names start with ``prefix``.
+
+    Returns:
+        How many files were removed.
+    """
+    head, _, _ = prefix.rpartition("/")
+    start = root.joinpath(*head.split("/")) if head else root
+    if not start.is_dir():
+        return 0
+    removed = 0
+    now = time.time()
+    for dirpath, _dirnames, filenames in os.walk(start):
+        for filename in filenames:
+            path = Path(dirpath) / filename
+            if is_temp_name(filename) and _temp_is_stale(path, now):
+                path.unlink(missing_ok=True)
+                removed += 1
+                logger.info("removed stale temp file %s", path)
+    return removed

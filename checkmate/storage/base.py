@@ -79,6 +79,16 @@ class TaskIO(ABC):
             return False
         return True
 
+    def sweep(self, prefix: str) -> int:
+        """Remove leftovers of interrupted writes below ``prefix``; return how many.
+
+        The engine calls this at bind, while it holds the task's lock. Stores
+        whose writes are atomic on the server leave nothing behind: the
+        default does nothing.
+        """
+        del prefix
+        return 0
+
     def read_many(self, obj_names: Iterable[str]) -> dict[str, bytes]:
         """Read several objects; missing ones are left out of the result.
 

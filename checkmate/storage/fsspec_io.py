@@ -161,6 +161,12 @@ class FsspecTaskIO(TaskIO):
         names.sort()
         return names
 
+    def sweep(self, prefix: str) -> int:
+        """On local files, delete temp files left by dead writers; elsewhere nothing."""
+        if self._local:
+            return _files.sweep_temp_files(Path(self._root), prefix)
+        return 0
+
     def url(self, obj_name: str) -> str:
         """Return the object's full URL, with the backend's protocol."""
         path = self._path(obj_name)

@@ -70,6 +70,10 @@ class LocalTaskIO(TaskIO):
         """Return the sorted names of all objects starting with ``prefix``."""
         return _files.list_files(self._root, prefix)
 
+    def sweep(self, prefix: str) -> int:
+        """Delete temp files left below ``prefix`` by dead writers; return how many."""
+        return _files.sweep_temp_files(self._root, prefix)
+
     def url(self, obj_name: str) -> str:
         """Return the object's ``file://`` URL."""
         return self._path(obj_name).as_uri()
