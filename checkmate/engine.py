@@ -166,6 +166,7 @@ class CheckMateEngine(Generic[STAGE, STAGE_RESULT]):
         self._positions = {id(s): i for i, s in enumerate(self._stages)}
         self._lock: BindLock | None = None
         self._bound = False
+        self._keep_state = False
 
     def _check_templates(self, stage_templates: Sequence[STAGE] | None) -> list[STAGE]:
         if not stage_templates:
@@ -492,8 +493,10 @@ class CheckMateEngine(Generic[STAGE, STAGE_RESULT]):
             raise TaskStateError(
                 f"engine for task {self.task_id!r} is not bound", task_id=self.task_id
             )
+        # auto_cleanup never deletes a task that execute() refused to touch.
+        clean = clean or (self.auto_cleanup and not self._keep_state)
         try:
-            if clean or self.auto_cleanup:
+            if clean:
                 self._delete_task_objects()
         finally:
             for stage in self._stages:
@@ -501,13 +504,14 @@ class CheckMateEngine(Generic[STAGE, STAGE_RESULT]):
             self._stages = self._fresh_stages()
             self._positions = {id(s): i for i, s in enumerate(self._stages)}
             self._bound = False
+            self._keep_state = False
             lock, self._lock = self._lock, None
             if lock is not None:
                 lock.release()
         logger.info(
             "unbound task %s%s",
             self.task_id,
-            " and deleted its objects" if clean or self.auto_cleanup else "",
+            " and deleted its objects" if clean else "",
         )
 
     def _delete_task_objects(self) -> None:
@@ -553,9 +557,11 @@ class CheckMateEngine(Generic[STAGE, STAGE_RESULT]):
             return status
         if status is _S.ERROR:
             failed = next(s for s in self._stages if s.state.status is _S.ERROR)
+            self._keep_state = True
             raise self._failure(failed, None)
         running = next((s for s in self._stages if s.state.status is _S.RUNNING), None)
         if running is not None and not strict_recovery:
+            self._keep_state = True
             raise InterruptedStageError(
                 f"stage {running.stage_name!r} of task {self.task_id!r} was interrupted: it is "
                 f"RUNNING (attempt {running.state.attempts}) but no process runs it. Nothing was "
