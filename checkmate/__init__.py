@@ -5,6 +5,7 @@ with `CheckMateEngine`, and resume it after a crash by running the same task id
 again. Every status change is persisted through a `TaskIO`.
 """
 
+from .cancellation import cancel_requested, request_cancel, withdraw_cancel
 from .engine import STAGE, CheckMateEngine, TaskEngineState
 from .errors import (
     BindException,
@@ -73,5 +74,8 @@ __all__ = [
     "TaskEngineState",
     "TaskIO",
     "TaskStateError",
+    "cancel_requested",
+    "request_cancel",
+    "withdraw_cancel",
     "__version__",
 ]

@@ -30,6 +30,7 @@ from .locking import BindLock
 from .models import CANCELABLE_STATES, STAGE_RESULT, BaseStageState, RetryPolicy, StageStatus
 from .naming import (
     STAGE_SUFFIX,
+    cancel_obj_name,
     check_task_id,
     lock_obj_name,
     new_task_id,
@@ -93,6 +94,8 @@ class CheckMateEngine(Generic[STAGE, STAGE_RESULT]):
         storage_retry: How failed storage calls are retried (default: 5 tries
             within about 1.5 s); when the last try fails the engine raises
             `StorageError` and the task stays resumable.
+        cancel_check_interval: Seconds between two looks for a cancellation
+            request (see `checkmate.request_cancel`) while the task runs.
 
     Raises:
         ConfigurationError: No templates, a template that is not a stage, a
@@ -121,6 +124,7 @@ class CheckMateEngine(Generic[STAGE, STAGE_RESULT]):
         force_create: bool = False,
         *,
         storage_retry: StorageRetry | None = None,
+        cancel_check_interval: float = 2.0,
     ) -> None:
         if not isinstance(io, TaskIO):
             raise ConfigurationError(f"io must be a TaskIO, not {type(io).__name__}")
@@ -167,6 +171,9 @@ class CheckMateEngine(Generic[STAGE, STAGE_RESULT]):
         self._lock: BindLock | None = None
         self._bound = False
         self._keep_state = False
+        self.cancel_check_interval = cancel_check_interval
+        self._cancel_seen = False
+        self._cancel_checked_at: float | None = None
 
     def _check_templates(self, stage_templates: Sequence[STAGE] | None) -> list[STAGE]:
         if not stage_templates:
@@ -505,6 +512,7 @@ class CheckMateEngine(Generic[STAGE, STAGE_RESULT]):
             self._positions = {id(s): i for i, s in enumerate(self._stages)}
             self._bound = False
             self._keep_state = False
+            self._cancel_seen = False
             lock, self._lock = self._lock, None
             if lock is not None:
                 lock.release()
@@ -570,11 +578,33 @@ class CheckMateEngine(Generic[STAGE, STAGE_RESULT]):
                 task_id=self.task_id,
                 stage_name=running.stage_name,
             )
+        self._cancel_checked_at = None
         for index, stage in enumerate(self._stages):
             if stage.state.status is _S.COMPLETE:
                 continue
-            self._run_stage(index, stage)
+            if not self._run_stage(index, stage):
+                self._cancel()
+                return _S.CANCELED
         return self._aggregate(self._stages)
+
+    def cancel_requested(self) -> bool:
+        """Tell whether someone asked for this task to be canceled (`request_cancel`).
+
+        Looks in storage at most once per ``cancel_check_interval`` seconds
+        while bound; once a request was seen, stays True.
+        """
+        if self._cancel_seen:
+            return True
+        now = time.monotonic()
+        last = self._cancel_checked_at
+        if last is not None and now - last < self.cancel_check_interval:
+            return False
+        self._cancel_checked_at = now
+        name = cancel_obj_name(self.task_id)
+        self._cancel_seen = bool(self._call("check", name, self.io.exists, name))
+        if self._cancel_seen:
+            logger.info("task %s: cancellation requested", self.task_id)
+        return self._cancel_seen
 
     def _budget_left(self, stage: BaseStage[Any]) -> bool:
         if self.retry_policy is RetryPolicy.GLOBAL:
@@ -632,11 +662,14 @@ class CheckMateEngine(Generic[STAGE, STAGE_RESULT]):
         )
         raise self._failure(stage, None)
 
-    def _run_stage(self, index: int, stage: STAGE) -> None:
+    def _run_stage(self, index: int, stage: STAGE) -> bool:
+        """Run one stage until COMPLETE (True); False when a cancellation was requested."""
         if stage.state.status is _S.RUNNING:
             self._recover_interrupted(stage)
         last_error: BaseException | None = None
         while True:
+            if self.cancel_requested():
+                return False
             if not self._budget_left(stage):
                 now = time.time()
                 stage._record(
@@ -671,7 +704,7 @@ class CheckMateEngine(Generic[STAGE, STAGE_RESULT]):
                 last_error = exc
                 self._stage_failed(stage, exc, attempt, begin)
                 continue
-            return
+            return True
 
     def _stage_failed(
         self, stage: BaseStage[Any], exc: Exception, attempt: int, begin: float
@@ -751,9 +784,13 @@ class CheckMateEngine(Generic[STAGE, STAGE_RESULT]):
                     self.task_id,
                 )
         now = time.time()
+        message = "task canceled on request" if self._cancel_seen else "task canceled"
         for stage in self._stages[first:]:
             if stage.state.status in CANCELABLE_STATES:
-                stage._record("task canceled", _S.CANCELED, now)
+                stage._record(message, _S.CANCELED, now)
+        request = cancel_obj_name(self.task_id)
+        self._call("delete", request, self.io.delete, request)
+        self._cancel_seen = False
         logger.info("canceled task %s at stage %s", self.task_id, current.stage_name)
 
     # ------------------------------------------------------------------ inspection

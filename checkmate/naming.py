@@ -16,6 +16,7 @@ from .errors import ConfigurationError
 from .models import STAGE_NAME_MAX_LENGTH
 
 __all__ = [
+    "cancel_obj_name",
     "STAGE_SUFFIX",
     "TASK_ID_MAX_LENGTH",
     "check_obj_name",
@@ -33,6 +34,7 @@ STAGE_SUFFIX = ".json"
 # No stage object name can start with this: plain stems have no "~", and a
 # hashed stem has only hex digits after its "~".
 _LOCK_NAME = "task~lock"
+_CANCEL_NAME = "cancel~request"
 
 _TASK_ID_RE = re.compile(r"[A-Za-z0-9_\-][A-Za-z0-9._\-]*")
 # Stage names made only of these characters are used as they are in object names.
@@ -126,6 +128,11 @@ def lock_obj_name(task_id: str) -> str:
     belongs to the lock.
     """
     return f"{task_id}/{_LOCK_NAME}"
+
+
+def cancel_obj_name(task_id: str) -> str:
+    """Return the object name of a task's cancellation request (``<task_id>/cancel~request``)."""
+    return f"{task_id}/{_CANCEL_NAME}"
 
 
 def check_obj_name(obj_name: str) -> str:

@@ -103,6 +103,15 @@ class BaseStage(BaseModel, ABC, Generic[STAGE_STATE]):
     def cancel(self) -> None:
         """Clean up when the task is canceled while this stage is current (no-op by default)."""
 
+    def cancel_requested(self) -> bool:
+        """Tell whether the task's cancellation was requested; poll it in long work.
+
+        Cheap to call often: storage is consulted at most every
+        ``cancel_check_interval`` seconds. Return (or raise) from
+        `execute_stage` to stop early; the engine then cancels the task.
+        """
+        return bool(self.engine.cancel_requested())
+
     @property
     def engine(self) -> CheckMateEngine[Any, Any]:
         """The engine this stage is bound to.
