@@ -71,8 +71,8 @@ def process_alive(pid: int, start_time: int | None) -> bool:
         return True
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
+    except (ProcessLookupError, OverflowError, ValueError):
+        return False  # gone, or a pid no process can have
     except PermissionError:
         pass
     fields = _proc_stat(pid)

@@ -753,8 +753,7 @@ class CheckMateEngine(Generic[STAGE, STAGE_RESULT]):
         """Cancel the task: the current stage and every later stage become CANCELED.
 
         Calls ``cancel()`` on the first stage that is not COMPLETE. Binds for the
-        call if the engine is not bound. Canceling a CANCELED task only finishes
-        marking any stage a crashed cancel left behind.
+        call if the engine is not bound. Canceling a CANCELED task does nothing.
 
         Raises:
             TaskStateError: The task is COMPLETE or ERROR.
@@ -772,17 +771,18 @@ class CheckMateEngine(Generic[STAGE, STAGE_RESULT]):
                 f"task {self.task_id!r} is {status} and cannot be canceled",
                 task_id=self.task_id,
             )
+        if status is _S.CANCELED:
+            return
         first = next(i for i, s in enumerate(self._stages) if s.state.status is not _S.COMPLETE)
         current = self._stages[first]
-        if status is not _S.CANCELED:
-            try:
-                current.cancel()
-            except Exception:
-                logger.exception(
-                    "cancel hook of stage %s of task %s failed; canceling anyway",
-                    current.stage_name,
-                    self.task_id,
-                )
+        try:
+            current.cancel()
+        except Exception:
+            logger.exception(
+                "cancel hook of stage %s of task %s failed; canceling anyway",
+                current.stage_name,
+                self.task_id,
+            )
         now = time.time()
         message = "task canceled on request" if self._cancel_seen else "task canceled"
         for stage in self._stages[first:]:

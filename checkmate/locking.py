@@ -36,6 +36,7 @@ logger = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
 _FIRST_DELAY = 0.005
+_MAX_TAKEOVER_MARKERS = 64
 _MAX_DELAY = 0.25
 
 
@@ -225,9 +226,24 @@ class BindLock:
     def _take_over(
         self, stale: LockOwner, stale_bytes: bytes, mine: LockOwner, data: bytes
     ) -> str | None:
-        marker = f"{self.obj_name}.takeover-{stale.token}"
-        if not self._io(self.task_io.create, marker, data):
-            return f"another process is taking over the stale lock of {stale.describe()}"
+        # Markers are numbered: when a taker died holding marker n, marker n + 1
+        # is free for the next one, so a crashed takeover never blocks the lock.
+        for number in range(_MAX_TAKEOVER_MARKERS):
+            marker = f"{self.obj_name}.takeover-{stale.token}-{number}"
+            if self._io(self.task_io.create, marker, data):
+                break
+            try:
+                taker = LockOwner.model_validate_json(self._io(self.task_io.read, marker))
+            except FileNotFoundError:
+                return "a concurrent takeover just finished; try again"
+            except ValidationError:
+                taker = None
+            if taker is not None and taker.token == mine.token:
+                break  # an earlier try of our own create landed
+            if taker is None or not taker.is_dead():
+                return f"another process is taking over the stale lock of {stale.describe()}"
+        else:
+            return f"too many crashed takeovers of the stale lock of {stale.describe()}"
         try:
             still = self._io(self.task_io.read, self.obj_name)
         except FileNotFoundError:
