@@ -12,6 +12,7 @@ from .errors import (
     ConfigurationError,
     CorruptStateError,
     InterruptedStageError,
+    LeaseLostError,
     LockUnsupportedError,
     StageFailedError,
     StateMismatchError,
@@ -19,6 +20,7 @@ from .errors import (
     StorageError,
     TaskEngineException,
     TaskStateError,
+    VersionConflict,
 )
 from .locking import BindLock, LockOwner
 from .models import (
@@ -53,6 +55,7 @@ __all__ = [
     "FsspecTaskIO",
     "INACTIVE_STATES",
     "InterruptedStageError",
+    "LeaseLostError",
     "LocalTaskIO",
     "LockOwner",
     "LockUnsupportedError",
@@ -74,6 +77,7 @@ __all__ = [
     "TaskEngineState",
     "TaskIO",
     "TaskStateError",
+    "VersionConflict",
     "cancel_requested",
     "request_cancel",
     "withdraw_cancel",

@@ -15,6 +15,8 @@ handlers keep working::
     │   ├── StateMismatchError                 persisted stages differ from the templates
     │   ├── InterruptedStageError              a stage was left RUNNING by a dead process
     │   └── StageFailedError                   a stage ended in ERROR
+    ├── LeaseLostError                         another worker took the task over; stop
+    ├── VersionConflict                        a conditional write found another version
     ├── CorruptStateError                      a persisted object cannot be parsed or validated
     └── StorageError (also OSError)            a storage call failed
 """
@@ -28,6 +30,7 @@ __all__ = [
     "ConfigurationError",
     "CorruptStateError",
     "InterruptedStageError",
+    "LeaseLostError",
     "LockUnsupportedError",
     "StageFailedError",
     "StateMismatchError",
@@ -35,6 +38,7 @@ __all__ = [
     "StorageError",
     "TaskEngineException",
     "TaskStateError",
+    "VersionConflict",
 ]
 
 
@@ -134,6 +138,18 @@ class InterruptedStageError(TaskStateError):
 
 class StageFailedError(TaskStateError):
     """A stage ended in ERROR; ``__cause__`` is the stage's last exception, if any."""
+
+
+class LeaseLostError(TaskEngineException):
+    """This worker lost the task's lease: it was taken over, or could not be renewed in time.
+
+    The engine stops at once and writes nothing more. Another worker owns the
+    task now; do not retry in this process.
+    """
+
+
+class VersionConflict(TaskEngineException):
+    """A conditional write or delete found a version other than the expected one."""
 
 
 class CorruptStateError(TaskEngineException):

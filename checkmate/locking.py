@@ -37,6 +37,7 @@ logger = logging.getLogger(__name__)
 _T = TypeVar("_T")
 _FIRST_DELAY = 0.005
 _MAX_TAKEOVER_MARKERS = 64
+_MARKER_INFIX = ".takeover-"
 _MAX_DELAY = 0.25
 
 
@@ -229,7 +230,7 @@ class BindLock:
         # Markers are numbered: when a taker died holding marker n, marker n + 1
         # is free for the next one, so a crashed takeover never blocks the lock.
         for number in range(_MAX_TAKEOVER_MARKERS):
-            marker = f"{self.obj_name}.takeover-{stale.token}-{number}"
+            marker = f"{self.obj_name}{_MARKER_INFIX}{stale.token}-{number}"
             if self._io(self.task_io.create, marker, data):
                 break
             try:
@@ -281,7 +282,10 @@ class BindLock:
                 else:
                     logger.warning("lock %s is no longer ours; leaving it in place", self.obj_name)
                 if self._marker is not None:
-                    self._io(self.task_io.delete, self._marker)
+                    # Every takeover marker, also those of takers that crashed: none
+                    # names our token, so no takeover in flight can depend on them.
+                    for name in self._io(self.task_io.list, self.obj_name + _MARKER_INFIX):
+                        self._io(self.task_io.delete, name)
             finally:
                 self._is_locked = False
                 self._owner = None

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from .._host import process_alive, this_host
+from ..naming import check_obj_name
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +40,10 @@ def _temp_path(path: Path) -> Path:
 def _fsync_dir(directory: Path) -> None:
     if not _DIR_FSYNC:
         return
-    fd = os.open(directory, os.O_RDONLY)
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except FileNotFoundError:
+        return  # a concurrent delete pruned it, and with it what we wrote
     try:
         os.fsync(fd)
     finally:
@@ -133,10 +137,15 @@ def delete_file(path: Path, root: Path) -> None:
         parent = parent.parent
 
 
+def _start_dir(root: Path, prefix: str) -> Path:
+    """The directory below ``root`` that holds every name starting with ``prefix``."""
+    head, _, _ = prefix.rpartition("/")
+    return root.joinpath(*check_obj_name(head).split("/")) if head else root
+
+
 def list_files(root: Path, prefix: str) -> list[str]:
     """Return the sorted '/'-joined names of the files below ``root`` starting with ``prefix``."""
-    head, _, _ = prefix.rpartition("/")
-    start = root.joinpath(*head.split("/")) if head else root
+    start = _start_dir(root, prefix)
     if not start.is_dir():
         return []
     names: list[str] = []
@@ -171,8 +180,7 @@ def sweep_temp_files(root: Path, prefix: str) -> int:
     Returns:
         How many files were removed.
     """
-    head, _, _ = prefix.rpartition("/")
-    start = root.joinpath(*head.split("/")) if head else root
+    start = _start_dir(root, prefix)
     if not start.is_dir():
         return 0
     removed = 0

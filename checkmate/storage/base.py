@@ -8,10 +8,18 @@ any store; the engine relies only on the guarantees written here.
 from __future__ import annotations
 
 import builtins
+import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
 
-__all__ = ["TaskIO"]
+from ..errors import VersionConflict
+
+__all__ = ["TaskIO", "content_version"]
+
+
+def content_version(data: bytes) -> str:
+    """Return the version token of ``data`` on stores that version by content."""
+    return hashlib.sha256(data).hexdigest()[:32]
 
 
 class TaskIO(ABC):
@@ -20,13 +28,25 @@ class TaskIO(ABC):
     Object names are relative to the TaskIO's root, use ``/`` as separator and
     never contain empty, ``.`` or ``..`` components.
 
+    Versioned access (`read_versioned`, `write_if`, `delete_if`) is what
+    leases and fencing are built on. A version is an opaque string that
+    changes whenever the bytes change (an S3 ETag, a GCS generation, an Azure
+    etag, or a hash of the content); writing identical bytes may keep the
+    same version, so put a nonce in data whose rewrites must be told apart.
+
     Attributes:
         supports_atomic_create: True when `create` is a real atomic
             create-if-absent that no racing writer can break. The engine only
             takes task locks on stores where this is True.
+        supports_conditional_write: True when `write_if` and `delete_if` are
+            real compare-and-swap operations. Leases that expire, and fencing
+            of a worker that lost its lease, need it; without it the engine
+            falls back to locks that only a dead process on the same host
+            loses.
     """
 
     supports_atomic_create: bool = True
+    supports_conditional_write: bool = False
 
     @abstractmethod
     def read(self, obj_name: str) -> bytes:
@@ -71,6 +91,66 @@ class TaskIO(ABC):
     def url(self, obj_name: str) -> str:
         """Return the full URL of the object (``file:///...``, ``s3://...``)."""
 
+    def read_versioned(self, obj_name: str) -> tuple[bytes, str]:
+        """Return the object's bytes and version, read together.
+
+        The default hashes the bytes, which is right for any store whose
+        `read` returns one whole version.
+
+        Raises:
+            FileNotFoundError: The object does not exist.
+        """
+        data = self.read(obj_name)
+        return data, content_version(data)
+
+    def write_if(self, obj_name: str, data: bytes, version: str | None) -> str:
+        """Write the object only if its current version is ``version``; return the new one.
+
+        ``version=None`` means "only if the object does not exist". Atomic when
+        ``supports_conditional_write`` is True; the default is a best-effort
+        check-then-write that a racing writer can break.
+
+        Raises:
+            VersionConflict: The object's version is not ``version`` (or it
+                exists when ``version`` is None, or is gone when it is not).
+        """
+        if version is None:
+            if not self.create(obj_name, data):
+                raise _conflict(obj_name, "it already exists")
+            return content_version(data)
+        try:
+            _, current = self.read_versioned(obj_name)
+        except FileNotFoundError:
+            raise _conflict(obj_name, "it does not exist") from None
+        if current != version:
+            raise _conflict(obj_name, f"its version is {current}, not {version}")
+        self.write(obj_name, data)
+        return content_version(data)
+
+    def delete_if(self, obj_name: str, version: str) -> None:
+        """Delete the object only if its current version is ``version``.
+
+        Raises:
+            VersionConflict: The object's version differs, or it is gone.
+        """
+        try:
+            _, current = self.read_versioned(obj_name)
+        except FileNotFoundError:
+            raise _conflict(obj_name, "it does not exist") from None
+        if current != version:
+            raise _conflict(obj_name, f"its version is {current}, not {version}")
+        self.delete(obj_name)
+
+    def read_many_versioned(self, obj_names: Iterable[str]) -> dict[str, tuple[bytes, str]]:
+        """Read several objects with their versions; missing ones are left out."""
+        found: dict[str, tuple[bytes, str]] = {}
+        for name in obj_names:
+            try:
+                found[name] = self.read_versioned(name)
+            except FileNotFoundError:
+                continue
+        return found
+
     def exists(self, obj_name: str) -> bool:
         """Tell whether the object exists."""
         try:
@@ -102,3 +182,7 @@ class TaskIO(ABC):
             except FileNotFoundError:
                 continue
         return found
+
+
+def _conflict(obj_name: str, why: str) -> VersionConflict:
+    return VersionConflict(f"conditional write of {obj_name!r} refused: {why}", obj_name=obj_name)

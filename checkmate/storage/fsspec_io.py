@@ -143,7 +143,7 @@ class FsspecTaskIO(TaskIO):
         if self._local:
             return _files.list_files(Path(self._root), prefix)
         head, _, _ = prefix.rpartition("/")
-        start = f"{self._root}/{head}" if head else self._root
+        start = f"{self._root}/{check_obj_name(head)}" if head else self._root
         self._fs.invalidate_cache(start)
         try:
             found = self._fs.find(start, withdirs=False)
