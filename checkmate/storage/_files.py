@@ -2,15 +2,27 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import secrets
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
+
 from .._host import process_alive, this_host
+from ..errors import VersionConflict
 from ..naming import check_obj_name
+from .base import content_version
+
+CAS_SUPPORTED = fcntl is not None
+"""Compare-and-swap needs flock(2), which Windows lacks."""
 
 logger = logging.getLogger(__name__)
 
@@ -193,3 +205,58 @@ def sweep_temp_files(root: Path, prefix: str) -> int:
                 removed += 1
                 logger.info("removed stale temp file %s", path)
     return removed
+
+
+@contextlib.contextmanager
+def _locked_dir(directory: Path) -> Iterator[None]:
+    """Hold an exclusive flock on ``directory`` (created if missing)."""
+    assert fcntl is not None
+    directory.mkdir(parents=True, exist_ok=True)
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the flock
+
+
+def _check_version(path: Path, version: str | None, current: bytes | None) -> None:
+    if version is None:
+        if current is not None:
+            raise VersionConflict(f"{path} already exists", obj_name=path.name)
+        return
+    if current is None:
+        raise VersionConflict(f"{path} does not exist", obj_name=path.name)
+    if content_version(current) != version:
+        raise VersionConflict(f"{path} has changed", obj_name=path.name)
+
+
+def _read_or_none(path: Path) -> bytes | None:
+    try:
+        return read_file(path)
+    except FileNotFoundError:
+        return None
+
+
+def cas_write(path: Path, data: bytes, version: str | None) -> str:
+    """Write ``path`` only if its content version is ``version`` (None: absent).
+
+    An exclusive flock on the directory serialises every compare-and-swap in
+    it; creating uses the hard-link protocol, so it also excludes `atomic_create`.
+    """
+    with _locked_dir(path.parent):
+        _check_version(path, version, _read_or_none(path))
+        if version is None:
+            if not atomic_create(path, data):
+                raise VersionConflict(f"{path} already exists", obj_name=path.name)
+        else:
+            atomic_write(path, data)
+    return content_version(data)
+
+
+def cas_delete(path: Path, version: str) -> None:
+    """Delete ``path`` only if its content version is ``version``."""
+    with _locked_dir(path.parent):
+        _check_version(path, version, _read_or_none(path))
+        path.unlink()
+        _fsync_dir(path.parent)

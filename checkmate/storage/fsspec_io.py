@@ -1,10 +1,9 @@
-"""`FsspecTaskIO`: objects on any fsspec filesystem (memory, local, S3, ...)."""
+"""`FsspecTaskIO`: objects on any fsspec filesystem (memory, local, S3, GCS, Azure, ...)."""
 
 from __future__ import annotations
 
 import builtins
 import logging
-import threading
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -14,28 +13,51 @@ from fsspec.implementations.local import LocalFileSystem
 from fsspec.implementations.memory import MemoryFileSystem
 
 from ..naming import check_obj_name
-from . import _files
+from ._backend import Backend, LocalFileBackend, MemoryBackend
 from .base import TaskIO
 
 __all__ = ["FsspecTaskIO"]
 
 logger = logging.getLogger(__name__)
 
-# fsspec's memory filesystem is one process-wide store; one lock makes
-# create-if-absent atomic for every thread of the process.
-_MEMORY_LOCK = threading.Lock()
-# Backends whose pipe_file(mode="create") is a native conditional PUT.
-_NATIVE_CREATE = frozenset({"s3", "s3a"})
+
+def _backend_for(fs: Any, root: str, protocols: tuple[str, ...]) -> Backend:
+    if isinstance(fs, LocalFileSystem):
+        return LocalFileBackend(fs, root)
+    if isinstance(fs, MemoryFileSystem):
+        return MemoryBackend(fs, root)
+    if {"s3", "s3a"} & set(protocols):
+        from ._s3 import S3Backend  # noqa: PLC0415 - s3fs is an optional extra
+
+        return S3Backend(fs, root)
+    if {"gs", "gcs"} & set(protocols):
+        from ._gcs import GCSBackend  # noqa: PLC0415 - gcsfs is an optional extra
+
+        return GCSBackend(fs, root)
+    if {"az", "abfs", "abfss"} & set(protocols):
+        from ._azure import AzureBackend  # noqa: PLC0415 - adlfs is an optional extra
+
+        return AzureBackend(fs, root)
+    return Backend(fs, root)
 
 
 class FsspecTaskIO(TaskIO):
     """Store objects on any fsspec filesystem, given by URL.
 
-    ``memory://`` and ``file://`` get truly atomic `create` (a process-wide lock,
-    and the same hard-link protocol as `LocalTaskIO`); S3 uses its native
-    conditional PUT. On a backend with no native create-if-absent, `create` is
-    only best effort and ``supports_atomic_create`` is False, so the engine
-    refuses to take a lock there.
+    What each store guarantees:
+
+    | store | atomic create | compare-and-swap |
+    |---|---|---|
+    | ``memory://`` | yes (process-wide lock) | yes |
+    | ``file://`` | yes (hard link of a complete temp file) | yes (flock) |
+    | ``s3://`` | yes (``If-None-Match``) | yes (``If-Match``) |
+    | ``gs://`` | yes (``ifGenerationMatch=0``) | yes (``ifGenerationMatch``) |
+    | ``az://`` / ``abfs://`` | yes (``If-None-Match``) | yes (etag match condition) |
+    | anything else | no | no |
+
+    On a store without atomic create the engine refuses to take a lock.
+    S3-compatible servers that silently ignore conditions exist; the engine
+    runs a fail-closed self-test before it trusts a store with a lease.
 
     Args:
         url: Root URL, such as ``memory://tasks``, ``file:///var/tasks`` or
@@ -53,15 +75,13 @@ class FsspecTaskIO(TaskIO):
         self._url = url
         self._storage_options = storage_options
         fs, root = fsspec.core.url_to_fs(url, **storage_options)
-        self._fs: fsspec.AbstractFileSystem = fs
+        self._fs: Any = fs
         self._root = str(root).rstrip("/")
         protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
         self._protocol = str(protocols[0])
-        self._local = isinstance(fs, LocalFileSystem)
-        self._memory = isinstance(fs, MemoryFileSystem)
-        self.supports_atomic_create = (
-            self._local or self._memory or bool(_NATIVE_CREATE.intersection(protocols))
-        )
+        self._backend = _backend_for(fs, self._root, tuple(str(p) for p in protocols))
+        self.supports_atomic_create = self._backend.atomic_create
+        self.supports_conditional_write = self._backend.conditional_write
 
     def __repr__(self) -> str:
         return f"FsspecTaskIO({self._url!r})"
@@ -73,119 +93,76 @@ class FsspecTaskIO(TaskIO):
         self.__init__(state["url"], **state["storage_options"])  # type: ignore[misc]
 
     @property
-    def fs(self) -> fsspec.AbstractFileSystem:
+    def fs(self) -> Any:
         """The underlying fsspec filesystem."""
         return self._fs
 
     def _path(self, obj_name: str) -> str:
         return f"{self._root}/{check_obj_name(obj_name)}"
 
-    def _local_path(self, obj_name: str) -> Path:
-        return Path(self._path(obj_name))
+    def _name(self, path: str) -> str | None:
+        root = self._fs._strip_protocol(self._root).rstrip("/") + "/"
+        stripped = self._fs._strip_protocol(path)
+        return stripped[len(root) :] if stripped.startswith(root) else None
 
     def read(self, obj_name: str) -> bytes:
         """Return the object's bytes (FileNotFoundError if absent)."""
-        if self._local:
-            return _files.read_file(self._local_path(obj_name))
-        data = self._fs.cat_file(self._path(obj_name))
-        return bytes(data)
+        return self._backend.read(self._path(obj_name))
 
     def write(self, obj_name: str, data: bytes) -> None:
         """Create or replace the object with one atomic store operation."""
-        if self._local:
-            _files.atomic_write(self._local_path(obj_name), data)
-            return
-        self._fs.pipe_file(self._path(obj_name), data)
+        self._backend.write(self._path(obj_name), data)
 
     def create(self, obj_name: str, data: bytes) -> bool:
         """Create the object if absent; False if it exists (see the class notes)."""
-        path = self._path(obj_name)
-        if self._local:
-            return _files.atomic_create(Path(path), data)
-        if self._memory:
-            with _MEMORY_LOCK:
-                if self._fs.exists(path):
-                    return False
-                self._fs.pipe_file(path, data)
-                return True
-        if self.supports_atomic_create:
-            try:
-                self._fs.pipe_file(path, data, mode="create")
-            except FileExistsError:
-                return False
-            return True
-        if self._fs.exists(path):
-            return False
-        self._fs.pipe_file(path, data)
-        return True
+        return self._backend.create(self._path(obj_name), data)
 
     def exists(self, obj_name: str) -> bool:
         """Tell whether the object exists."""
-        path = self._path(obj_name)
-        if self._local:
-            return Path(path).is_file()
-        self._fs.invalidate_cache(path)
-        return bool(self._fs.isfile(path))
+        return self._backend.exists(self._path(obj_name))
 
     def delete(self, obj_name: str) -> None:
         """Delete the object if present."""
-        path = self._path(obj_name)
-        if self._local:
-            _files.delete_file(Path(path), Path(self._root))
-            return
-        try:
-            self._fs.rm_file(path)
-        except FileNotFoundError:
-            return
+        self._backend.delete(self._path(obj_name))
+
+    def read_versioned(self, obj_name: str) -> tuple[bytes, str]:
+        """Return the object's bytes and version, read together."""
+        return self._backend.read_versioned(self._path(obj_name))
+
+    def write_if(self, obj_name: str, data: bytes, version: str | None) -> str:
+        """Write only if the object's version is ``version`` (None: absent); return the new one."""
+        return self._backend.write_if(self._path(obj_name), data, version)
+
+    def delete_if(self, obj_name: str, version: str) -> None:
+        """Delete only if the object's version is ``version``."""
+        self._backend.delete_if(self._path(obj_name), version)
 
     def list(self, prefix: str = "") -> builtins.list[str]:
         """Return the sorted names of all objects starting with ``prefix``."""
-        if self._local:
-            return _files.list_files(Path(self._root), prefix)
         head, _, _ = prefix.rpartition("/")
         start = f"{self._root}/{check_obj_name(head)}" if head else self._root
-        self._fs.invalidate_cache(start)
-        try:
-            found = self._fs.find(start, withdirs=False)
-        except FileNotFoundError:
-            return []
-        root = self._fs._strip_protocol(self._root).rstrip("/") + "/"
-        names = []
-        for path in found:
-            stripped = self._fs._strip_protocol(path)
-            if not stripped.startswith(root):
-                continue
-            name = stripped[len(root) :]
-            if name.startswith(prefix) and name:
-                names.append(name)
-        names.sort()
-        return names
-
-    def sweep(self, prefix: str) -> int:
-        """On local files, delete temp files left by dead writers; elsewhere nothing."""
-        if self._local:
-            return _files.sweep_temp_files(Path(self._root), prefix)
-        return 0
+        names = [self._name(path) for path in self._backend.find(start)]
+        return sorted(n for n in names if n and n.startswith(prefix))
 
     def url(self, obj_name: str) -> str:
         """Return the object's full URL, with the backend's protocol."""
         path = self._path(obj_name)
-        if self._local:
+        if isinstance(self._backend, LocalFileBackend):
             return Path(path).as_uri()
         return f"{self._protocol}://{path.lstrip('/')}"
 
     def read_many(self, obj_names: Iterable[str]) -> dict[str, bytes]:
         """Read several objects in one batched call; missing ones are left out."""
-        names = builtins.list(obj_names)
-        if self._local or not names:
-            return super().read_many(names)
-        by_path = {self._fs._strip_protocol(self._path(n)): n for n in names}
-        fetched = self._fs.cat(builtins.list(by_path), on_error="omit")
-        if not isinstance(fetched, dict):
-            fetched = {next(iter(by_path)): fetched}
-        found: dict[str, bytes] = {}
-        for path, data in fetched.items():
-            name = by_path.get(self._fs._strip_protocol(path))
-            if name is not None and not isinstance(data, BaseException):
-                found[name] = bytes(data)
-        return found
+        by_path = {self._fs._strip_protocol(self._path(n)): n for n in obj_names}
+        fetched = self._backend.read_many(builtins.list(by_path))
+        return {by_path[p]: d for p, d in fetched.items() if p in by_path}
+
+    def read_many_versioned(self, obj_names: Iterable[str]) -> dict[str, tuple[bytes, str]]:
+        """Read several objects with their versions, batched; missing ones are left out."""
+        by_path = {self._fs._strip_protocol(self._path(n)): n for n in obj_names}
+        fetched = self._backend.read_many_versioned(builtins.list(by_path))
+        return {by_path[p]: d for p, d in fetched.items() if p in by_path}
+
+    def sweep(self, prefix: str) -> int:
+        """On local files, delete temp files left by dead writers; elsewhere nothing."""
+        return self._backend.sweep(prefix)

@@ -31,6 +31,7 @@ class LocalTaskIO(TaskIO):
     """
 
     supports_atomic_create = True
+    supports_conditional_write = _files.CAS_SUPPORTED
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self._root = Path(root).absolute()
@@ -57,6 +58,19 @@ class LocalTaskIO(TaskIO):
     def create(self, obj_name: str, data: bytes) -> bool:
         """Atomically create the object if absent; False if it exists."""
         return _files.atomic_create(self._path(obj_name), data)
+
+    def write_if(self, obj_name: str, data: bytes, version: str | None) -> str:
+        """Compare-and-swap the object (flock-guarded; version = content hash)."""
+        if not self.supports_conditional_write:
+            return super().write_if(obj_name, data, version)
+        return _files.cas_write(self._path(obj_name), data, version)
+
+    def delete_if(self, obj_name: str, version: str) -> None:
+        """Delete the object only if its version is ``version`` (flock-guarded)."""
+        if not self.supports_conditional_write:
+            super().delete_if(obj_name, version)
+            return
+        _files.cas_delete(self._path(obj_name), version)
 
     def exists(self, obj_name: str) -> bool:
         """Tell whether the object exists."""
