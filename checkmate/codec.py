@@ -58,14 +58,19 @@ def _same_class(stored: str, expected: str) -> bool:
     return False
 
 
-def meta_prefix(stage: BaseStage[Any], position: int, stage_count: int) -> bytes:
-    """Return the bytes that open a stage object: ``{"checkmate": {...},``."""
-    meta = {
+def meta_prefix(stage: BaseStage[Any], position: int, stage_count: int, epoch: int | None) -> bytes:
+    """Return the bytes that open a stage object: ``{"checkmate": {...},``.
+
+    ``epoch`` is the lease epoch of the writer (None without a lease).
+    """
+    meta: dict[str, Any] = {
         "format": FORMAT_VERSION,
         "stage_class": class_path(type(stage)),
         "position": position,
         "stage_count": stage_count,
     }
+    if epoch is not None:
+        meta["epoch"] = epoch
     return (
         b'{"' + META_KEY.encode() + b'":' + json.dumps(meta, separators=(",", ":")).encode() + b","
     )

@@ -19,14 +19,15 @@ from .codec import class_path, decode_state, encode_stage, meta_prefix
 from .errors import (
     ConfigurationError,
     InterruptedStageError,
+    LeaseLostError,
     StageFailedError,
     StateMismatchError,
     StateSerializationError,
-    StorageError,
     TaskEngineException,
     TaskStateError,
+    VersionConflict,
 )
-from .locking import BindLock
+from .locking import DEFAULT_LOCK_SKEW, DEFAULT_LOCK_TTL, BindLock
 from .models import CANCELABLE_STATES, STAGE_RESULT, BaseStageState, RetryPolicy, StageStatus
 from .naming import (
     STAGE_SUFFIX,
@@ -38,7 +39,7 @@ from .naming import (
     task_prefix,
 )
 from .render import StageView, render_stages
-from .retry import StorageRetry
+from .retry import StorageRetry, storage_call
 from .stage import BaseStage
 from .storage.base import TaskIO
 from .transitions import aggregate_status, find_invalid_pair
@@ -52,6 +53,7 @@ STAGE = TypeVar("STAGE", bound=BaseStage[Any])
 
 _S = StageStatus
 _T = TypeVar("_T")
+_MAX_SEAL_TRIES = 10
 Source = Literal["memory", "persistence"]
 
 
@@ -62,15 +64,6 @@ class TaskEngineState(BaseModel, Generic[STAGE]):
     """``module.QualName`` of each template's class, in order."""
     stage_templates: list[SkipValidation[STAGE]] = Field(..., title="Stage Templates")
     """Private deep copies of the stage templates, in order."""
-
-
-def _storage_error(action: str, obj_name: str, task_id: str, exc: BaseException) -> StorageError:
-    return StorageError(
-        f"could not {action} {obj_name!r} of task {task_id!r}: {exc!r}. Nothing after this "
-        "point ran; check the store and run the task again to resume",
-        task_id=task_id,
-        obj_name=obj_name,
-    )
 
 
 class CheckMateEngine(Generic[STAGE, STAGE_RESULT]):
@@ -94,6 +87,10 @@ class CheckMateEngine(Generic[STAGE, STAGE_RESULT]):
         storage_retry: How failed storage calls are retried (default: 5 tries
             within about 1.5 s); when the last try fails the engine raises
             `StorageError` and the task stays resumable.
+        lock_ttl: Lease length in seconds on stores with compare-and-swap; a
+            heartbeat renews it every ``lock_ttl / 3`` seconds while bound.
+        lock_skew: Clock-skew margin: an expired lease is taken over only
+            ``lock_skew`` seconds after it expired.
         cancel_check_interval: Seconds between two looks for a cancellation
             request (see `checkmate.request_cancel`) while the task runs.
 
@@ -125,6 +122,8 @@ class CheckMateEngine(Generic[STAGE, STAGE_RESULT]):
         *,
         storage_retry: StorageRetry | None = None,
         cancel_check_interval: float = 2.0,
+        lock_ttl: float = DEFAULT_LOCK_TTL,
+        lock_skew: float = DEFAULT_LOCK_SKEW,
     ) -> None:
         if not isinstance(io, TaskIO):
             raise ConfigurationError(f"io must be a TaskIO, not {type(io).__name__}")
@@ -159,13 +158,22 @@ class CheckMateEngine(Generic[STAGE, STAGE_RESULT]):
         self.no_lock = no_lock
         self.force_create = force_create
         self.storage_retry = storage_retry if storage_retry is not None else StorageRetry()
+        if lock_ttl <= 0 or lock_skew < 0:
+            raise ConfigurationError(
+                f"lock_ttl must be > 0 and lock_skew >= 0, not {lock_ttl!r} and {lock_skew!r}",
+                task_id=self.task_id,
+            )
+        self.lock_ttl = lock_ttl
+        self.lock_skew = lock_skew
+        self._versions: dict[str, str] = {}
         self.task_state: TaskEngineState[STAGE] = TaskEngineState(
             stage_template_classes=[class_path(type(t)) for t in templates],
             stage_templates=[t.model_copy(deep=True) for t in templates],
         )
         self._stages: list[STAGE] = self._fresh_stages()
         self._prefixes = [
-            meta_prefix(t, i, len(templates)) for i, t in enumerate(self.task_state.stage_templates)
+            meta_prefix(t, i, len(templates), None)
+            for i, t in enumerate(self.task_state.stage_templates)
         ]
         self._positions = {id(s): i for i, s in enumerate(self._stages)}
         self._lock: BindLock | None = None
@@ -250,12 +258,28 @@ class CheckMateEngine(Generic[STAGE, STAGE_RESULT]):
         return lock_obj_name(self.task_id)
 
     @property
+    def lock_epoch(self) -> int | None:
+        """The lease's fencing epoch while bound under a lease, else None.
+
+        It grows with every acquisition of the task: pass it to external
+        systems so they can refuse work from a worker that lost the task.
+        """
+        return self._lock.epoch if self._lock is not None and self._bound else None
+
+    @property
     def has_lockfile(self) -> bool:
         """True while a lock object exists for the task, bound or not.
 
         A lock object does not prove that a process still runs the task.
         """
-        return self._call("check", self.lock_obj_name, self.io.exists, self.lock_obj_name)
+        return self._call(
+            "check",
+            self.lock_obj_name,
+            BindLock.is_held,
+            self.io,
+            self.lock_obj_name,
+            self.lock_skew,
+        )
 
     @property
     def status(self) -> StageStatus:
@@ -301,21 +325,22 @@ class CheckMateEngine(Generic[STAGE, STAGE_RESULT]):
     # ------------------------------------------------------------------ storage helpers
 
     def _call(self, action: str, obj_name: str, func: Callable[..., _T], *args: Any) -> _T:
-        """Run one storage call; wrap backend errors (except not-found) in StorageError."""
-        try:
-            return self.storage_retry.call(func, *args)
-        except TaskEngineException:
-            raise
-        except OSError as exc:
-            if isinstance(exc, FileNotFoundError):
-                raise
-            raise _storage_error(action, obj_name, self.task_id, exc) from exc
+        """Run one storage call with retries; a final failure becomes a StorageError."""
+        return storage_call(self.storage_retry, action, obj_name, func, *args, task_id=self.task_id)
 
     def _persist_stage(self, stage: BaseStage[Any], create: bool = False) -> None:
-        """Write a stage's object; with ``create``, only if it does not exist yet."""
+        """Write a stage's object; with ``create``, only if it does not exist yet.
+
+        Under a lease every write is fenced: it is refused once the lease is
+        lost, and it is a compare-and-swap on the version this engine last
+        wrote, so it fails if a new owner touched the object meanwhile.
+        """
         position = self._positions[id(stage)]
         data = encode_stage(stage, self._prefixes[position], self.task_id)
         name = stage_obj_name(self.task_id, stage.stage_name)
+        if self._fenced:
+            self._fenced_write(name, data, None if create else self._versions.get(name))
+            return
         if not create:
             self._call("write", name, self.io.write, name, data)
             return
@@ -329,6 +354,28 @@ class CheckMateEngine(Generic[STAGE, STAGE_RESULT]):
                 stage_name=stage.stage_name,
                 obj_name=name,
             )
+
+    @property
+    def _fenced(self) -> bool:
+        return self._lock is not None and self._lock.is_lease
+
+    def _fenced_write(self, name: str, data: bytes, version: str | None) -> None:
+        lock = self._lock
+        assert lock is not None
+        lock.check()
+        try:
+            self._versions[name] = self._call("write", name, self.io.write_if, name, data, version)
+        except VersionConflict as exc:
+            if self._is_ours(name, data):  # an earlier, retried try of ours landed
+                self._versions[name] = self._call("read", name, self.io.read_versioned, name)[1]
+                return
+            lock.mark_lost()
+            raise LeaseLostError(
+                f"task {self.task_id!r}: {name!r} was changed by another worker, which took "
+                "over the lease; this worker stops and writes nothing more",
+                task_id=self.task_id,
+                obj_name=name,
+            ) from exc
 
     def _is_ours(self, name: str, data: bytes) -> bool:
         """After a create that reported "exists": did an earlier, retried try of ours land?"""
@@ -367,8 +414,11 @@ class CheckMateEngine(Generic[STAGE, STAGE_RESULT]):
             stage_count=len(templates),
         )
 
-    def _read_persisted(self) -> list[BaseStageState[Any] | None]:
-        """Read and validate every stage object of the task; None where there is none."""
+    def _read_persisted(self, versioned: bool = False) -> list[BaseStageState[Any] | None]:
+        """Read and validate every stage object of the task; None where there is none.
+
+        With ``versioned``, also record each object's version (for fenced writes).
+        """
         prefix = task_prefix(self.task_id)
         names = [
             stage_obj_name(self.task_id, t.stage_name) for t in self.task_state.stage_templates
@@ -386,7 +436,14 @@ class CheckMateEngine(Generic[STAGE, STAGE_RESULT]):
             )
         present = set(listed)
         wanted = [n for n in names if n in present]
-        found = self._call("read", prefix, self.io.read_many, wanted) if wanted else {}
+        if versioned:
+            found_versions = (
+                self._call("read", prefix, self.io.read_many_versioned, wanted) if wanted else {}
+            )
+            self._versions = {n: v for n, (_, v) in found_versions.items()}
+            found = {n: d for n, (d, _) in found_versions.items()}
+        else:
+            found = self._call("read", prefix, self.io.read_many, wanted) if wanted else {}
         return [
             self._decode(i, name, found[name]) if name in found else None
             for i, name in enumerate(names)
@@ -438,21 +495,28 @@ class CheckMateEngine(Generic[STAGE, STAGE_RESULT]):
             raise TaskStateError(
                 f"engine for task {self.task_id!r} is already bound", task_id=self.task_id
             )
-        lock = (
-            None if self.no_lock else BindLock(self.io, self.lock_obj_name, self.bind_lock_timeout)
-        )
+        lock = None if self.no_lock else self._new_lock()
         if lock is not None:
             lock.acquire()
         stages = self._fresh_stages()
         try:
+            self._lock = lock
+            self._versions = {}
+            if lock is not None:
+                prefix = task_prefix(self.task_id)
+                self._call("sweep", prefix, self.io.sweep, prefix)
             states = self._states_for_bind()
             self._check_statuses([_S.CREATED if st is None else st.status for st in states])
+            epoch = lock.epoch if lock is not None else None
+            count = len(stages)
+            self._prefixes = [meta_prefix(s, i, count, epoch) for i, s in enumerate(stages)]
             self._positions = {id(s): i for i, s in enumerate(stages)}
             for stage, state in zip(stages, states, strict=True):
                 stage._attach(self, state)
             self._stages = stages
-            self._lock = lock
             self._bound = True
+            if lock is not None and lock.needs_seal:
+                self._seal()
             now = time.time()
             for stage, state in zip(stages, states, strict=True):
                 if state is None:
@@ -460,18 +524,68 @@ class CheckMateEngine(Generic[STAGE, STAGE_RESULT]):
         except BaseException:
             for stage in stages:
                 stage._detach()
-            self._stages = self._fresh_stages()
-            self._positions = {id(s): i for i, s in enumerate(self._stages)}
-            self._bound = False
-            self._lock = None
+            self._reset_unbound()
             if lock is not None:
                 lock.release()
             raise
         logger.info("bound task %s (%s)", self.task_id, self._aggregate(stages))
 
+    def _new_lock(self) -> BindLock:
+        return BindLock(
+            self.io,
+            self.lock_obj_name,
+            self.bind_lock_timeout,
+            lock_ttl=self.lock_ttl,
+            lock_skew=self.lock_skew,
+            storage_retry=self.storage_retry,
+        )
+
+    def _reset_unbound(self) -> None:
+        self._stages = self._fresh_stages()
+        self._positions = {id(s): i for i, s in enumerate(self._stages)}
+        self._bound = False
+        self._lock = None
+        self._versions = {}
+        self._keep_state = False
+        self._cancel_seen = False
+
+    def _seal(self) -> None:
+        """Rewrite every stage object under the new epoch, in stage order.
+
+        The lease was taken over from a holder that may still be alive, paused
+        in the middle of a write. Its writes are compare-and-swaps on versions
+        it saw; rewriting each object changes that version, so any write it
+        still sends is refused. A write of its that lands before the seal is
+        read back, validated and sealed in turn.
+        """
+        for position, stage in enumerate(self._stages):
+            name = stage_obj_name(self.task_id, stage.stage_name)
+            for _ in range(_MAX_SEAL_TRIES):
+                if name not in self._versions:
+                    break
+                data = encode_stage(stage, self._prefixes[position], self.task_id)
+                try:
+                    self._versions[name] = self._call(
+                        "seal", name, self.io.write_if, name, data, self._versions[name]
+                    )
+                    break
+                except VersionConflict:
+                    fresh, version = self._call("read", name, self.io.read_versioned, name)
+                    stage.state = self._decode(position, name, fresh)
+                    self._versions[name] = version
+            else:
+                raise TaskStateError(
+                    f"task {self.task_id!r}: stage object {name!r} keeps changing while this "
+                    "worker takes the task over; another worker is still writing it",
+                    task_id=self.task_id,
+                    obj_name=name,
+                )
+        self._aggregate(self._stages)
+        logger.warning("task %s: sealed the stage objects of the previous holder", self.task_id)
+
     def _states_for_bind(self) -> list[BaseStageState[Any] | None]:
         if not self.force_create:
-            return self._read_persisted()
+            return self._read_persisted(versioned=self._fenced)
         prefix = task_prefix(self.task_id)
         lock_name = self.lock_obj_name
         listed = self._call("list", prefix, self.io.list, prefix)
@@ -500,22 +614,21 @@ class CheckMateEngine(Generic[STAGE, STAGE_RESULT]):
             raise TaskStateError(
                 f"engine for task {self.task_id!r} is not bound", task_id=self.task_id
             )
-        # auto_cleanup never deletes a task that execute() refused to touch.
+        # auto_cleanup never deletes a task that execute() refused to touch, and a
+        # worker that lost its lease deletes nothing.
         clean = clean or (self.auto_cleanup and not self._keep_state)
+        lock = self._lock
         try:
             if clean:
+                if lock is not None:
+                    lock.check()
                 self._delete_task_objects()
         finally:
             for stage in self._stages:
                 stage._detach()
-            self._stages = self._fresh_stages()
-            self._positions = {id(s): i for i, s in enumerate(self._stages)}
-            self._bound = False
-            self._keep_state = False
-            self._cancel_seen = False
-            lock, self._lock = self._lock, None
+            self._reset_unbound()
             if lock is not None:
-                lock.release()
+                lock.release(delete=clean)
         logger.info(
             "unbound task %s%s",
             self.task_id,
@@ -523,8 +636,14 @@ class CheckMateEngine(Generic[STAGE, STAGE_RESULT]):
         )
 
     def _delete_task_objects(self) -> None:
-        for template in self.task_state.stage_templates:
-            name = stage_obj_name(self.task_id, template.stage_name)
+        """Delete the stage objects, the cancellation request and takeover markers.
+
+        The lock object itself goes last, when the lock is released.
+        """
+        names = [
+            stage_obj_name(self.task_id, t.stage_name) for t in self.task_state.stage_templates
+        ]
+        for name in [*names, cancel_obj_name(self.task_id)]:
             self._call("delete", name, self.io.delete, name)
         if self.no_lock:
             return

@@ -1,99 +1,46 @@
-"""`BindLock`: an exclusive task lock kept as an object in the task's store.
+"""`BindLock`: the exclusive lock that keeps every other worker off a task.
 
-The lock object records its owner (host, boot, pid namespace, pid, process
-start time, a random token, acquire time). It is taken with the store's atomic
-create-if-absent. A lock whose owner is a dead process on this same host is
-stale and is taken over atomically: the taker first creates a marker object
-named after the stale owner's token (only one racer can), checks that the
-lock still holds that owner, and only then overwrites it.
+Two kinds, chosen by what the store can do:
 
-A lock held by a process on another host is never considered stale.
+- on a store with compare-and-swap (``supports_conditional_write``: local
+  disk, memory, S3, GCS, Azure) a **lease** (`checkmate.lease`): it expires
+  unless renewed by a heartbeat, carries an epoch that fences out a holder
+  that lost it, and is taken over after ``lock_ttl + lock_skew`` seconds
+  without renewal, or at once when its owner is a dead process on this host;
+- on a store with only atomic create, a **lock object** that never expires
+  and is taken over only when its owner is a dead process on this same host
+  (`checkmate._create_lock`).
+
+A lock held by a process on another host is never judged by its pid: only an
+expired lease frees it.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import random
 import threading
 import time
-import uuid
-from collections.abc import Callable
-from datetime import datetime, timezone
 from types import TracebackType
-from typing import Any, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
-
-from ._host import process_alive, process_start_time, this_host
-from .errors import BindException, ConfigurationError, LockUnsupportedError, StorageError
+from ._create_lock import CreateLock
+from .errors import BindException, ConfigurationError, LockUnsupportedError
+from .lease import Lease
+from .lockrecord import LeaseRecord, LockOwner
 from .retry import StorageRetry
 from .storage.base import TaskIO
 
-__all__ = ["BindLock", "LockOwner"]
+__all__ = ["DEFAULT_LOCK_SKEW", "DEFAULT_LOCK_TTL", "BindLock", "LeaseRecord", "LockOwner"]
 
 logger = logging.getLogger(__name__)
 
-_T = TypeVar("_T")
+DEFAULT_LOCK_TTL = 60.0
+"""Seconds a lease lasts without renewal."""
+DEFAULT_LOCK_SKEW = 5.0
+"""Seconds of clock-skew margin before an expired lease may be taken over."""
+
 _FIRST_DELAY = 0.005
-_MAX_TAKEOVER_MARKERS = 64
-_MARKER_INFIX = ".takeover-"
 _MAX_DELAY = 0.25
-
-
-class LockOwner(BaseModel):
-    """The owner record stored in a lock object."""
-
-    model_config = ConfigDict(extra="allow", frozen=True)
-
-    format: int = 1
-    """Version of the lock record format."""
-    host: str = Field(min_length=1)
-    """Host name of the owner."""
-    boot_id: str | None = None
-    """Kernel boot id of the owner's host (Linux)."""
-    pid_namespace: str | None = None
-    """The owner's pid namespace (Linux)."""
-    pid: int = Field(gt=0)
-    """The owner's process id."""
-    pid_start: int | None = None
-    """The owner's process start time, in clock ticks since boot (Linux)."""
-    token: str = Field(pattern=r"^[0-9a-f]{32}$")
-    """A random token unique to this acquisition."""
-    acquired_at: str
-    """ISO-8601 time the lock was acquired."""
-
-    @classmethod
-    def for_this_process(cls) -> LockOwner:
-        """Return a new owner record for the calling process."""
-        host = this_host()
-        pid = os.getpid()
-        return cls(
-            host=host.hostname,
-            boot_id=host.boot_id,
-            pid_namespace=host.pid_namespace,
-            pid=pid,
-            pid_start=process_start_time(pid),
-            token=uuid.uuid4().hex,
-            acquired_at=datetime.now(timezone.utc).isoformat(),
-        )
-
-    def is_on_this_host(self) -> bool:
-        """Tell whether the owner's pid can be checked here (same host, boot and pid namespace)."""
-        host = this_host()
-        return (
-            self.host == host.hostname
-            and self.boot_id == host.boot_id
-            and self.pid_namespace == host.pid_namespace
-        )
-
-    def is_dead(self) -> bool:
-        """Tell whether the owner is known to be dead (a gone process on this host)."""
-        return self.is_on_this_host() and not process_alive(self.pid, self.pid_start)
-
-    def describe(self) -> str:
-        """Return ``host:pid (since <time>)`` for messages."""
-        return f"{self.host}:{self.pid} (since {self.acquired_at})"
 
 
 class BindLock:
@@ -105,15 +52,20 @@ class BindLock:
         task_io: The store that holds the lock object.
         obj_name: The lock object's name.
         acquire_timeout: None to try once; otherwise seconds to keep trying.
+        lock_ttl: Lease length in seconds (stores with compare-and-swap);
+            renewed every ``lock_ttl / 3`` seconds while held.
+        lock_skew: Clock-skew margin: a lease is taken over only
+            ``lock_skew`` seconds after it expired.
         storage_retry: How failed storage calls are retried (default `StorageRetry()`).
 
     Raises:
-        ConfigurationError: ``acquire_timeout`` is negative.
+        ConfigurationError: A negative timeout, a non-positive ttl, or a ttl
+            that would renew faster than the store allows.
 
     Example:
         ```python
-        with BindLock(io, "jobs/nightly.lock", acquire_timeout=30):
-            ...  # no other process holds the lock here
+        with BindLock(io, "jobs/nightly.lock", acquire_timeout=30) as lock:
+            ...  # no other worker holds the lock here; lock.epoch fences side effects
         ```
     """
 
@@ -123,6 +75,8 @@ class BindLock:
         obj_name: str,
         acquire_timeout: float | None = None,
         *,
+        lock_ttl: float = DEFAULT_LOCK_TTL,
+        lock_skew: float = DEFAULT_LOCK_SKEW,
         storage_retry: StorageRetry | None = None,
     ) -> None:
         if acquire_timeout is not None and acquire_timeout < 0:
@@ -133,11 +87,16 @@ class BindLock:
         self.task_io = task_io
         self.obj_name = obj_name
         self.acquire_timeout = acquire_timeout
+        self.lock_ttl = lock_ttl
+        self.lock_skew = lock_skew
         self.storage_retry = storage_retry if storage_retry is not None else StorageRetry()
-        self._is_locked = False
         self._thread_lock = threading.Lock()
-        self._owner: LockOwner | None = None
-        self._marker: str | None = None
+        self._is_locked = False
+        self._impl: Lease | CreateLock
+        if task_io.supports_conditional_write:
+            self._impl = Lease(task_io, obj_name, self.storage_retry, lock_ttl, lock_skew)
+        else:
+            self._impl = CreateLock(task_io, obj_name, self.storage_retry)
 
     @property
     def is_locked(self) -> bool:
@@ -145,9 +104,24 @@ class BindLock:
         return self._is_locked
 
     @property
+    def is_lease(self) -> bool:
+        """True when this lock is a lease (it expires, and fences with an epoch)."""
+        return isinstance(self._impl, Lease)
+
+    @property
     def owner(self) -> LockOwner | None:
         """This instance's owner record while it holds the lock, else None."""
-        return self._owner
+        return self._impl.owner
+
+    @property
+    def epoch(self) -> int | None:
+        """The fencing epoch while a lease is held; None otherwise."""
+        return self._impl.epoch if self._is_locked else None
+
+    @property
+    def needs_seal(self) -> bool:
+        """True when the lease was taken over from a holder that may still be alive."""
+        return self._impl.needs_seal
 
     def __enter__(self) -> BindLock:
         self.acquire()
@@ -167,7 +141,8 @@ class BindLock:
         Raises:
             BindException: The lock is held by another owner (or its object is
                 unreadable, which counts as held) after the timeout.
-            LockUnsupportedError: The store has no atomic create-if-absent.
+            LockUnsupportedError: The store has no atomic create-if-absent, or
+                fails the conditional-write self-test.
         """
         if not self.task_io.supports_atomic_create:
             raise LockUnsupportedError(
@@ -187,8 +162,10 @@ class BindLock:
             )
             delay = _FIRST_DELAY
             while True:
-                holder = self._try_acquire()
+                holder = self._impl.try_acquire()
                 if holder is None:
+                    self._is_locked = True
+                    logger.debug("acquired lock %s", self.obj_name)
                     return
                 remaining = 0.0 if deadline is None else deadline - time.monotonic()
                 if remaining <= 0:
@@ -201,106 +178,33 @@ class BindLock:
                 time.sleep(min(remaining, delay * random.uniform(0.5, 1.5)))  # noqa: S311
                 delay = min(delay * 2, _MAX_DELAY)
 
-    def _try_acquire(self) -> str | None:
-        """Try once; return None on success, else why the lock is not ours."""
-        mine = LockOwner.for_this_process()
-        data = mine.model_dump_json().encode()
-        if self._io(self.task_io.create, self.obj_name, data):
-            self._taken(mine, marker=None)
-            return None
-        try:
-            current_bytes = self._io(self.task_io.read, self.obj_name)
-        except FileNotFoundError:
-            return "it was released while we looked; try again"
-        try:
-            current = LockOwner.model_validate_json(current_bytes)
-        except ValidationError:
-            return "the lock object cannot be parsed, which counts as held"
-        if current.token == mine.token:
-            # An earlier try of our own create landed before its reply was lost.
-            self._taken(mine, marker=None)
-            return None
-        if not current.is_dead():
-            return f"it is held by {current.describe()}"
-        return self._take_over(current, current_bytes, mine, data)
+    def check(self) -> None:
+        """Raise `LeaseLostError` if this holder lost its lease (no-op for lock objects)."""
+        self._impl.check()
 
-    def _take_over(
-        self, stale: LockOwner, stale_bytes: bytes, mine: LockOwner, data: bytes
-    ) -> str | None:
-        # Markers are numbered: when a taker died holding marker n, marker n + 1
-        # is free for the next one, so a crashed takeover never blocks the lock.
-        for number in range(_MAX_TAKEOVER_MARKERS):
-            marker = f"{self.obj_name}{_MARKER_INFIX}{stale.token}-{number}"
-            if self._io(self.task_io.create, marker, data):
-                break
-            try:
-                taker = LockOwner.model_validate_json(self._io(self.task_io.read, marker))
-            except FileNotFoundError:
-                return "a concurrent takeover just finished; try again"
-            except ValidationError:
-                taker = None
-            if taker is not None and taker.token == mine.token:
-                break  # an earlier try of our own create landed
-            if taker is None or not taker.is_dead():
-                return f"another process is taking over the stale lock of {stale.describe()}"
-        else:
-            return f"too many crashed takeovers of the stale lock of {stale.describe()}"
-        try:
-            still = self._io(self.task_io.read, self.obj_name)
-        except FileNotFoundError:
-            still = None
-        if still != stale_bytes:
-            self._io(self.task_io.delete, marker)
-            return "the stale lock changed while we took it over; try again"
-        self._io(self.task_io.write, self.obj_name, data)
-        logger.warning("took over lock %s from dead process %s", self.obj_name, stale.describe())
-        self._taken(mine, marker=marker)
-        return None
+    def mark_lost(self) -> None:
+        """Record that the lease is lost (a fenced write was refused)."""
+        if isinstance(self._impl, Lease):
+            self._impl.mark_lost()
 
-    def _taken(self, owner: LockOwner, marker: str | None) -> None:
-        self._owner = owner
-        self._marker = marker
-        self._is_locked = True
-        logger.debug("acquired lock %s", self.obj_name)
-
-    def release(self) -> None:
+    def release(self, delete: bool = False) -> None:
         """Release the lock if this instance holds it; otherwise do nothing.
 
-        If another process took the lock over meanwhile, its lock is left alone.
+        A lease is marked released (its object stays, keeping the epoch), or
+        deleted with ``delete`` (when the task's objects are removed); a lock
+        object is always deleted. Nothing is written after a lease was lost.
         """
         with self._thread_lock:
-            if not self._is_locked or self._owner is None:
+            if not self._is_locked:
                 return
             try:
-                try:
-                    current_bytes = self._io(self.task_io.read, self.obj_name)
-                    current: LockOwner | None = LockOwner.model_validate_json(current_bytes)
-                except (FileNotFoundError, ValidationError):
-                    current = None
-                if current is not None and current.token == self._owner.token:
-                    self._io(self.task_io.delete, self.obj_name)
-                else:
-                    logger.warning("lock %s is no longer ours; leaving it in place", self.obj_name)
-                if self._marker is not None:
-                    # Every takeover marker, also those of takers that crashed: none
-                    # names our token, so no takeover in flight can depend on them.
-                    for name in self._io(self.task_io.list, self.obj_name + _MARKER_INFIX):
-                        self._io(self.task_io.delete, name)
+                self._impl.release(delete)
             finally:
                 self._is_locked = False
-                self._owner = None
-                self._marker = None
             logger.debug("released lock %s", self.obj_name)
 
-    def _io(self, func: Callable[..., _T], *args: Any) -> _T:
-        """Run one storage call with retries; a final failure becomes a StorageError."""
-        try:
-            return self.storage_retry.call(func, *args)
-        except OSError as exc:
-            if not StorageRetry.is_transient(exc):
-                raise
-            raise StorageError(
-                f"storage failed while handling lock {self.obj_name!r}: {exc!r}; "
-                "check the store and try again",
-                obj_name=self.obj_name,
-            ) from exc
+    @staticmethod
+    def is_held(task_io: TaskIO, obj_name: str, lock_skew: float = DEFAULT_LOCK_SKEW) -> bool:
+        """Tell whether a lock is held on ``obj_name`` (a live lease, or a lock object)."""
+        kind = Lease if task_io.supports_conditional_write else CreateLock
+        return kind.is_held(task_io, obj_name, lock_skew)

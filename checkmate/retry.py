@@ -16,9 +16,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from .errors import ConfigurationError, TaskEngineException
+from .errors import ConfigurationError, StorageError, TaskEngineException
 
-__all__ = ["StorageRetry"]
+__all__ = ["StorageRetry", "storage_call"]
 
 logger = logging.getLogger(__name__)
 
@@ -84,3 +84,30 @@ class StorageRetry:
                 self.sleep(delay * random.uniform(0.5, 1.0))  # noqa: S311
                 delay = min(delay * self.multiplier, self.max_delay)
         raise AssertionError("unreachable")  # pragma: no cover
+
+
+def storage_call(
+    retry: StorageRetry,
+    action: str,
+    obj_name: str,
+    func: Callable[..., _T],
+    *args: Any,
+    task_id: str | None = None,
+) -> _T:
+    """Run one storage call with ``retry``; a final transient failure becomes `StorageError`.
+
+    Permanent errors (not found, exists, permission, TaskEngineExceptions)
+    propagate unchanged.
+    """
+    try:
+        return retry.call(func, *args)
+    except OSError as exc:
+        if not StorageRetry.is_transient(exc):
+            raise
+        where = f" of task {task_id!r}" if task_id else ""
+        raise StorageError(
+            f"could not {action} {obj_name!r}{where}: {exc!r}. Nothing after this point "
+            "ran; check the store and run the task again to resume",
+            task_id=task_id,
+            obj_name=obj_name,
+        ) from exc

@@ -2,8 +2,8 @@
 
 `FaultyTaskIO` makes a seeded random fraction of storage calls fail, as a
 flaky network store would. `CrashingTaskIO` kills the process just before or
-just after the k-th mutating call (write, create, delete), as a power cut
-would. Both wrap a real `TaskIO`.
+just after the k-th mutating call, as a power cut would. Both wrap a real
+`TaskIO`.
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ class WrappingTaskIO(TaskIO):
     def __init__(self, inner: TaskIO) -> None:
         self.inner = inner
         self.supports_atomic_create = inner.supports_atomic_create
+        self.supports_conditional_write = inner.supports_conditional_write
+        self.min_rewrite_interval = inner.min_rewrite_interval
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.inner!r})"
@@ -73,8 +75,26 @@ class WrappingTaskIO(TaskIO):
         """Forwarded `TaskIO.sweep`."""
         return self._call("sweep", self.inner.sweep, prefix)
 
+    def read_versioned(self, obj_name: str) -> tuple[bytes, str]:
+        """Forwarded `TaskIO.read_versioned`."""
+        return self._call("read_versioned", self.inner.read_versioned, obj_name)
 
-MUTATIONS = frozenset({"write", "create", "delete"})
+    def write_if(self, obj_name: str, data: bytes, version: str | None) -> str:
+        """Forwarded `TaskIO.write_if`."""
+        return self._call("write_if", self.inner.write_if, obj_name, data, version)
+
+    def delete_if(self, obj_name: str, version: str) -> None:
+        """Forwarded `TaskIO.delete_if`."""
+        self._call("delete_if", self.inner.delete_if, obj_name, version)
+
+    def read_many_versioned(self, obj_names: Iterable[str]) -> dict[str, tuple[bytes, str]]:
+        """Forwarded `TaskIO.read_many_versioned`."""
+        return self._call(
+            "read_many_versioned", self.inner.read_many_versioned, builtins.list(obj_names)
+        )
+
+
+MUTATIONS = frozenset({"write", "create", "delete", "write_if", "delete_if"})
 
 
 class FaultyTaskIO(WrappingTaskIO):
@@ -98,7 +118,19 @@ class FaultyTaskIO(WrappingTaskIO):
         inner: TaskIO,
         rate: float,
         seed: int = 0,
-        ops: Iterable[str] = ("read", "write", "create", "delete", "list", "exists", "read_many"),
+        ops: Iterable[str] = (
+            "read",
+            "write",
+            "create",
+            "delete",
+            "list",
+            "exists",
+            "read_many",
+            "read_versioned",
+            "write_if",
+            "delete_if",
+            "read_many_versioned",
+        ),
     ) -> None:
         super().__init__(inner)
         self.rate = rate
@@ -124,7 +156,9 @@ class FaultyTaskIO(WrappingTaskIO):
 
 
 class CrashingTaskIO(WrappingTaskIO):
-    """Kill the process with ``os._exit`` around the k-th mutating call (write, create, delete).
+    """Kill the process with ``os._exit`` around the k-th mutating storage call.
+
+    Mutating calls are write, create, delete, write_if and delete_if.
 
     Use it in a child process; the parent then checks what a restart makes of
     the state left behind.

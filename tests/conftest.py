@@ -62,3 +62,28 @@ def io(backend: str, tmp_path: Path) -> Iterator[TaskIO]:
 def shared_backend(request: pytest.FixtureRequest) -> str:
     """A backend whose state several processes can share."""
     return str(request.param)
+
+
+LOCK_BASENAME = "task~lock"
+
+
+def is_lock_state(name: str) -> bool:
+    """Tell whether an object holds a task's lock state (the lock, or a takeover marker)."""
+    return name.rpartition("/")[2].startswith(LOCK_BASENAME)
+
+
+def live_lock_objects(io: TaskIO, prefix: str = "") -> list[str]:
+    """Lock-state objects that still hold a lock (a released lease does not)."""
+    from checkmate import BindLock  # noqa: PLC0415
+
+    return [
+        name
+        for name in io.list(prefix)
+        if is_lock_state(name)
+        and (not name.endswith("/" + LOCK_BASENAME) or BindLock.is_held(io, name))
+    ]
+
+
+def state_snapshot(io: TaskIO) -> dict[str, bytes]:
+    """Every object except the lock's own (which taking and releasing may change)."""
+    return {name: io.read(name) for name in io.list("") if not is_lock_state(name)}

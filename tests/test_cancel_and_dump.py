@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 from colorama import Fore
+from conftest import state_snapshot
 from pipelines import AddStage, Payload, PipeState, append_line, expected_value, read_log
 
 from checkmate import (
@@ -81,7 +82,7 @@ def engine_for(
 
 
 def snapshot(io: TaskIO) -> dict[str, bytes]:
-    return {name: io.read(name) for name in io.list("")}
+    return state_snapshot(io)
 
 
 def advance(engine: CheckMateEngine, targets: list[StageStatus]) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import make_io, store_spec
+from conftest import live_lock_objects, make_io, state_snapshot, store_spec
 from pipelines import CRASH_EXIT_CODE, expected_value, make_stages, read_log
 
 from checkmate import BindException, CheckMateEngine, LockOwner, RetryPolicy, TaskIO
@@ -57,14 +57,13 @@ def engine_for(io: TaskIO, policy: RetryPolicy, max_attempts: int, log: Path | N
 
 
 def lock_objects(io: TaskIO) -> list[str]:
-    lock = engine_for(io, RetryPolicy.NONE, 1).lock_obj_name
-    return [name for name in io.list("") if name.startswith(lock)]
+    """Lock-state objects that still hold a lock."""
+    return live_lock_objects(io)
 
 
 def stage_snapshot(io: TaskIO) -> dict[str, bytes]:
     """Every persisted object except the lock's."""
-    locks = set(lock_objects(io))
-    return {name: io.read(name) for name in io.list("") if name not in locks}
+    return state_snapshot(io)
 
 
 def interrupted_entries(state: dict[str, Any]) -> list[dict[str, Any]]:

@@ -13,6 +13,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
+from conftest import live_lock_objects, state_snapshot
 from pipelines import AddStage, Payload, PipeState, expected_value, make_stages
 
 from checkmate import (
@@ -119,8 +120,8 @@ def probe_stages(probe: Probe, n: int = 3, **config: Any) -> list[ProbeStage]:
 
 
 def objects(io: TaskIO) -> dict[str, bytes]:
-    """Every object of the store, with its bytes."""
-    return {name: io.read(name) for name in io.list("")}
+    """Every object of the store with its bytes, but for the lock's own."""
+    return state_snapshot(io)
 
 
 def persisted_state(io: TaskIO, engine: CheckMateEngine[Any, Any], index: int) -> dict[str, Any]:
@@ -131,7 +132,7 @@ def persisted_state(io: TaskIO, engine: CheckMateEngine[Any, Any], index: int) -
 
 
 def lock_objects(io: TaskIO, engine: CheckMateEngine[Any, Any]) -> list[str]:
-    return [n for n in io.list("") if n.startswith(engine.lock_obj_name)]
+    return live_lock_objects(io, engine.task_id + "/")
 
 
 # ----------------------------------------------------------------------------- decision 1

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import make_io, store_spec
+from conftest import live_lock_objects, make_io, store_spec
 from pipelines import Payload, expected_value, make_stages
 
 from checkmate import (
@@ -142,8 +142,8 @@ def engine_for(io: TaskIO, n: int = 3, **kwargs: Any) -> CheckMateEngine:
 
 
 def lock_objects(io: TaskIO, engine: CheckMateEngine) -> list[str]:
-    """The objects that hold the task's lock state."""
-    return [n for n in io.list("") if n.startswith(engine.lock_obj_name)]
+    """The objects that still hold the task's lock."""
+    return live_lock_objects(io, engine.task_id + "/")
 
 
 @contextmanager
@@ -323,9 +323,9 @@ def test_bind_with_a_timeout_waits_then_raises(io: TaskIO) -> None:
 
 
 def test_bind_with_a_timeout_succeeds_once_the_holder_releases(io: TaskIO) -> None:
-    holder = engine_for(io)
+    watched = WrappedIO(io)  # a TaskIO with create only: a lock object, not a lease
+    holder = engine_for(watched)
     holder.bind()
-    watched = WrappedIO(io)
     waiter = engine_for(watched, bind_lock_timeout=WAIT)
     released = threading.Event()
 
@@ -518,7 +518,7 @@ def test_a_takeover_interrupted_by_a_crash_can_be_taken_over_again(
     again.bind()
     assert again.status is StageStatus.COMPLETE
     again.unbind(clean=True)
-    assert io.list("") == []
+    assert live_lock_objects(io) == []
 
 
 def test_racing_takeovers_of_a_stale_lock_have_one_winner(
@@ -538,7 +538,7 @@ def test_racing_takeovers_of_a_stale_lock_have_one_winner(
     results = race(8, take)
     assert sorted(map(str, results)) == ["lost"] * 7 + ["won"], results
     locks[results.index("won")].release()
-    assert io.list("") == []
+    assert live_lock_objects(io) == []
 
 
 # ---------------------------------------------------------------------- racing binds
@@ -560,7 +560,7 @@ def test_racing_bindlocks_have_exactly_one_winner(io: TaskIO) -> None:
         assert sorted(map(str, results)) == ["lost"] * 7 + ["won"], results
         assert io.exists(name)
         locks[results.index("won")].release()
-        assert io.list("") == []
+        assert live_lock_objects(io) == []
 
 
 def test_one_bindlock_shared_by_racing_threads_is_acquired_once(io: TaskIO) -> None:
@@ -576,7 +576,7 @@ def test_one_bindlock_shared_by_racing_threads_is_acquired_once(io: TaskIO) -> N
     results = race(8, take)
     assert sorted(map(str, results)) == ["lost"] * 7 + ["won"], results
     lock.release()
-    assert io.list("") == []
+    assert live_lock_objects(io) == []
 
 
 def test_racing_engines_bind_one_at_a_time(io: TaskIO) -> None:
@@ -611,17 +611,17 @@ def test_bindlock_as_a_context_manager(io: TaskIO) -> None:
         assert name in str(info.value)
         BindLock(io, name).release()  # not the owner: must not free the lock
         assert io.exists(name)
-    assert io.list("") == []
+    assert live_lock_objects(io) == []
     with BindLock(io, name):
         assert io.exists(name)
-    assert io.list("") == []
+    assert live_lock_objects(io) == []
 
 
 def test_bindlock_is_released_when_the_block_raises(io: TaskIO) -> None:
     name = "jobs/nightly.lock"
     with pytest.raises(KeyError), BindLock(io, name):
         raise KeyError("boom")
-    assert io.list("") == []
+    assert live_lock_objects(io) == []
     BindLock(io, name).acquire()
     assert io.exists(name)
 
@@ -639,7 +639,7 @@ def test_bindlocks_on_different_names_are_independent(io: TaskIO) -> None:
     with BindLock(io, "a/task.lock"), BindLock(io, "b/task.lock"):
         assert io.exists("a/task.lock")
         assert io.exists("b/task.lock")
-    assert io.list("") == []
+    assert live_lock_objects(io) == []
 
 
 def test_bindlock_release_leaves_a_lock_it_no_longer_owns(io: TaskIO) -> None:
@@ -675,7 +675,7 @@ def test_store_without_atomic_create_refuses_to_lock(io: TaskIO) -> None:
         engine.execute()
     with pytest.raises(LockUnsupportedError):
         BindLock(store, "jobs/nightly.lock").acquire()
-    assert io.list("") == []
+    assert live_lock_objects(io) == []
 
 
 def test_store_without_atomic_create_keeps_existing_state_untouched(io: TaskIO) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import make_io, store_spec
+from conftest import live_lock_objects, make_io, store_spec
 from pipelines import CRASH_EXIT_CODE, expected_value, make_stages, read_log
 
 from checkmate import CheckMateEngine, RetryPolicy, TaskIO
@@ -76,7 +76,7 @@ def assert_complete_and_unlocked(io: TaskIO) -> None:
     assert engine.status.value == "COMPLETE"
     assert engine.task_result.value == expected_value(STAGE_COUNT)
     assert not engine.has_lockfile
-    assert not [n for n in io.list("") if n.startswith(engine.lock_obj_name)], "lock left behind"
+    assert not live_lock_objects(io), "lock left behind"
 
 
 @pytest.fixture

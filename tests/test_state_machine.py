@@ -18,6 +18,7 @@ from typing import Any
 
 import fsspec
 import pytest
+from conftest import state_snapshot
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
@@ -317,8 +318,7 @@ class EngineMachine(RuleBasedStateMachine):
         )
 
     def raw(self) -> dict[str, bytes]:
-        io = self.world.io
-        return {name: io.read(name) for name in io.list("")}
+        return state_snapshot(self.world.io)
 
     def persisted(self) -> list[dict[str, Any]]:
         io = self.world.io
@@ -445,8 +445,7 @@ class EngineMachine(RuleBasedStateMachine):
             assert sum(attempts) <= self.max_attempts
         else:
             assert max(attempts) <= self.max_attempts
-        lock = self.engine().lock_obj_name
-        assert not any(n.startswith(lock) for n in self.raw()), "a lock was left behind"
+        assert not self.engine().has_lockfile, "a lock was left behind"
 
 
 def check_history(name: str, state: dict[str, Any]) -> None:

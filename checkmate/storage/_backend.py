@@ -20,7 +20,7 @@ __all__ = ["Backend", "LocalFileBackend", "MemoryBackend"]
 
 # fsspec's memory filesystem is one process-wide store; one lock makes
 # create-if-absent and compare-and-swap atomic for every thread of the process.
-_MEMORY_LOCK = threading.Lock()
+_MEMORY_LOCK = threading.RLock()
 
 
 class Backend:
@@ -28,6 +28,7 @@ class Backend:
 
     atomic_create = False
     conditional_write = False
+    min_rewrite_interval = 0.0
 
     def __init__(self, fs: Any, root: str) -> None:
         self.fs = fs
@@ -151,6 +152,8 @@ class MemoryBackend(Backend):
     def write_if(self, path: str, data: bytes, version: str | None) -> str:
         """Atomic compare-and-swap."""
         with _MEMORY_LOCK:
+            if version is None and self.fs.exists(path):  # a "directory" blocks it too
+                raise VersionConflict(f"{path} already exists", obj_name=path)
             return super().write_if(path, data, version)
 
     def delete_if(self, path: str, version: str) -> None:

@@ -43,10 +43,14 @@ class TaskIO(ABC):
             of a worker that lost its lease, need it; without it the engine
             falls back to locks that only a dead process on the same host
             loses.
+        min_rewrite_interval: The shortest interval, in seconds, at which the
+            store accepts rewrites of one object (GCS: about 1 s); leases
+            renew no faster.
     """
 
     supports_atomic_create: bool = True
     supports_conditional_write: bool = False
+    min_rewrite_interval: float = 0.0
 
     @abstractmethod
     def read(self, obj_name: str) -> bytes:

@@ -82,6 +82,7 @@ class FsspecTaskIO(TaskIO):
         self._backend = _backend_for(fs, self._root, tuple(str(p) for p in protocols))
         self.supports_atomic_create = self._backend.atomic_create
         self.supports_conditional_write = self._backend.conditional_write
+        self.min_rewrite_interval = self._backend.min_rewrite_interval
 
     def __repr__(self) -> str:
         return f"FsspecTaskIO({self._url!r})"

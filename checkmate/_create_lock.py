@@ -1,0 +1,137 @@
+"""Locks for stores with atomic create but no compare-and-swap.
+
+The lock object is created with `TaskIO.create` and deleted on release. It
+never expires: only a lock whose owner is a dead process on this same host is
+taken over, through a numbered marker object that at most one taker can create.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from pydantic import ValidationError
+
+from .lockrecord import LockOwner
+from .retry import StorageRetry, storage_call
+from .storage.base import TaskIO
+
+__all__ = ["CreateLock"]
+
+logger = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+_MAX_TAKEOVER_MARKERS = 64
+MARKER_INFIX = ".takeover-"
+
+
+class CreateLock:
+    """Create-if-absent lock with same-host dead-owner takeover (no fencing, no expiry)."""
+
+    needs_seal = False
+    epoch: int | None = None
+
+    def __init__(self, io: TaskIO, obj_name: str, retry: StorageRetry) -> None:
+        self.io = io
+        self.obj_name = obj_name
+        self.retry = retry
+        self.owner: LockOwner | None = None
+        self._marker: str | None = None
+
+    def _io(self, func: Callable[..., _T], *args: Any) -> _T:
+        return storage_call(self.retry, "lock", self.obj_name, func, *args)
+
+    def check(self) -> None:
+        """Nothing to check: this lock cannot be lost to another live process."""
+
+    def try_acquire(self) -> str | None:
+        """Try once; return None on success, else why the lock is not ours."""
+        mine = LockOwner.for_this_process()
+        data = mine.model_dump_json().encode()
+        if self._io(self.io.create, self.obj_name, data):
+            self._taken(mine, marker=None)
+            return None
+        try:
+            current_bytes = self._io(self.io.read, self.obj_name)
+        except FileNotFoundError:
+            return "it was released while we looked; try again"
+        try:
+            current = LockOwner.model_validate_json(current_bytes)
+        except ValidationError:
+            return "the lock object cannot be parsed, which counts as held"
+        if current.token == mine.token:
+            # An earlier try of our own create landed before its reply was lost.
+            self._taken(mine, marker=None)
+            return None
+        if not current.is_dead():
+            return f"it is held by {current.describe()}"
+        return self._take_over(current, current_bytes, mine, data)
+
+    def _take_over(
+        self, stale: LockOwner, stale_bytes: bytes, mine: LockOwner, data: bytes
+    ) -> str | None:
+        # Markers are numbered: when a taker died holding marker n, marker n + 1
+        # is free for the next one, so a crashed takeover never blocks the lock.
+        for number in range(_MAX_TAKEOVER_MARKERS):
+            marker = f"{self.obj_name}{MARKER_INFIX}{stale.token}-{number}"
+            if self._io(self.io.create, marker, data):
+                break
+            try:
+                taker = LockOwner.model_validate_json(self._io(self.io.read, marker))
+            except FileNotFoundError:
+                return "a concurrent takeover just finished; try again"
+            except ValidationError:
+                taker = None
+            if taker is not None and taker.token == mine.token:
+                break  # an earlier try of our own create landed
+            if taker is None or not taker.is_dead():
+                return f"another process is taking over the stale lock of {stale.describe()}"
+        else:
+            return f"too many crashed takeovers of the stale lock of {stale.describe()}"
+        try:
+            still = self._io(self.io.read, self.obj_name)
+        except FileNotFoundError:
+            still = None
+        if still != stale_bytes:
+            self._io(self.io.delete, marker)
+            return "the stale lock changed while we took it over; try again"
+        self._io(self.io.write, self.obj_name, data)
+        logger.warning("took over lock %s from dead process %s", self.obj_name, stale.describe())
+        self._taken(mine, marker=marker)
+        return None
+
+    def _taken(self, owner: LockOwner, marker: str | None) -> None:
+        self.owner = owner
+        self._marker = marker
+
+    def release(self, delete: bool = True) -> None:
+        """Delete the lock object if it is still ours, and any takeover markers."""
+        del delete  # a lock object is always deleted
+        if self.owner is None:
+            return
+        try:
+            try:
+                current: LockOwner | None = LockOwner.model_validate_json(
+                    self._io(self.io.read, self.obj_name)
+                )
+            except (FileNotFoundError, ValidationError):
+                current = None
+            if current is not None and current.token == self.owner.token:
+                self._io(self.io.delete, self.obj_name)
+            else:
+                logger.warning("lock %s is no longer ours; leaving it in place", self.obj_name)
+            if self._marker is not None:
+                # Every takeover marker, also those of takers that crashed: none
+                # names our token, so no takeover in flight can depend on them.
+                for name in self._io(self.io.list, self.obj_name + MARKER_INFIX):
+                    self._io(self.io.delete, name)
+        finally:
+            self.owner = None
+            self._marker = None
+
+    @staticmethod
+    def is_held(io: TaskIO, obj_name: str, skew: float) -> bool:
+        """Tell whether a lock object exists."""
+        del skew
+        return io.exists(obj_name)

@@ -1,0 +1,335 @@
+"""Leases: task locks that expire, with an epoch that fences out a holder that lost them.
+
+The lock object holds a `LeaseRecord`. Every change to it is a compare-and-swap
+(`TaskIO.write_if`) on the version read before, so among any number of racing
+workers exactly one wins:
+
+- **acquire**: create the record (epoch 1) if there is none; take over a
+  released lease, an expired one (past ``expires_at + skew``) or one whose
+  owner is a dead process on this same host, with epoch + 1.
+- **renew**: a heartbeat thread moves ``expires_at`` forward every ttl/3. The
+  holder also keeps a local deadline, ``ttl`` after the start of its last
+  successful renewal (monotonic clock); past it, the holder considers the
+  lease lost even if no renewal failed, before any other worker can take it.
+- **release**: the record goes to state "released", keeping its epoch. The
+  object is never deleted while the task exists, so epochs only grow.
+
+A holder that lost its lease raises `LeaseLostError` at its next write. A
+write that was already under way is refused by the store, because the
+engine writes stage objects with `write_if` on versions that the new owner
+changed when it took over (see the engine's sealing).
+
+What no lease can do: stop a paused former holder from doing *work*. Side
+effects outside the store must carry the epoch (``engine.lock_epoch``) or be
+idempotent.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from pydantic import ValidationError
+
+from .errors import ConfigurationError, LeaseLostError, LockUnsupportedError, VersionConflict
+from .lockrecord import LeaseRecord, LockOwner
+from .retry import StorageRetry, storage_call
+from .storage.base import TaskIO
+
+__all__ = ["Lease", "self_test"]
+
+logger = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+
+_TRUSTED: dict[str, bool] = {}
+_TRUSTED_LOCK = threading.Lock()
+
+
+def _store_key(io: TaskIO) -> str:
+    return f"{type(io).__qualname__}:{io.url('x')}"
+
+
+def self_test(io: TaskIO, scratch_name: str) -> None:
+    """Check once per store that conditional writes are enforced; refuse the store if not.
+
+    Creates, conditionally rewrites and deletes a scratch object. A store that
+    accepts a second create, or a write on a stale version, silently ignores
+    preconditions (some S3-compatible servers do) and cannot hold a lease.
+
+    Raises:
+        LockUnsupportedError: The store does not enforce preconditions.
+    """
+    key = _store_key(io)
+    with _TRUSTED_LOCK:
+        if _TRUSTED.get(key):
+            return
+    name = f"{scratch_name}.selftest-{uuid.uuid4().hex}"
+    problem = None
+    try:
+        first = io.write_if(name, b"checkmate self-test 1", None)
+        try:
+            io.write_if(name, b"checkmate self-test 2", None)
+            problem = "a second create-if-absent of the same object succeeded"
+        except VersionConflict:
+            pass
+        if problem is None:
+            io.write_if(name, b"checkmate self-test 3", first)
+            try:
+                io.write_if(name, b"checkmate self-test 4", first)
+                problem = "a compare-and-swap on a stale version succeeded"
+            except VersionConflict:
+                pass
+        if problem is None and io.read(name) != b"checkmate self-test 3":
+            problem = "the object does not hold what the last successful write wrote"
+    finally:
+        io.delete(name)
+    if problem is not None:
+        raise LockUnsupportedError(
+            f"refusing to lease on {io!r}: {problem}, so the store ignores preconditions "
+            "and cannot keep two workers off one task. Use a store that enforces "
+            "conditional writes, or no_lock=True if only one process runs the task",
+            obj_name=scratch_name,
+        )
+    with _TRUSTED_LOCK:
+        _TRUSTED[key] = True
+
+
+class Lease:
+    """One worker's lease on one task (used through `BindLock`)."""
+
+    def __init__(
+        self,
+        io: TaskIO,
+        obj_name: str,
+        retry: StorageRetry,
+        ttl: float,
+        skew: float,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        interval = io.min_rewrite_interval
+        if ttl <= 0 or skew < 0:
+            raise ConfigurationError(
+                f"lock_ttl must be > 0 and lock_skew >= 0, not {ttl!r} and {skew!r}",
+                obj_name=obj_name,
+            )
+        if ttl / 3 < interval:
+            raise ConfigurationError(
+                f"lock_ttl={ttl} would renew the lease every {ttl / 3:.2f}s, faster than "
+                f"{io!r} allows one write per object ({interval}s); use lock_ttl >= "
+                f"{3 * interval:g}",
+                obj_name=obj_name,
+            )
+        self.io = io
+        self.obj_name = obj_name
+        self.retry = retry
+        self.ttl = ttl
+        self.skew = skew
+        self.clock = clock
+        self.owner: LeaseRecord | None = None
+        self.needs_seal = False
+        self._version: str | None = None
+        self._deadline = 0.0
+        self._lost = False
+        self._state_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def epoch(self) -> int | None:
+        """The epoch of the held lease, else None."""
+        return self.owner.epoch if self.owner is not None else None
+
+    def _io(self, func: Callable[..., _T], *args: Any) -> _T:
+        return storage_call(self.retry, "lease", self.obj_name, func, *args)
+
+    # -------------------------------------------------------------- acquire
+
+    def try_acquire(self) -> str | None:
+        """Try once; return None on success, else why the lease is not ours."""
+        self_test(self.io, self.obj_name)
+        started = time.monotonic()
+        now = self.clock()
+        try:
+            current_bytes, version = self._io(self.io.read_versioned, self.obj_name)
+        except FileNotFoundError:
+            return self._install(LeaseRecord.new(epoch=1, ttl=self.ttl, now=now), None, started)
+        try:
+            current = LeaseRecord.model_validate_json(current_bytes)
+        except ValidationError:
+            return self._take_lock_object(current_bytes, version, now, started)
+        if current.is_live(now, self.skew) and not current.is_dead():
+            return f"it is held by {current.describe()}"
+        mine = LeaseRecord.new(epoch=current.epoch + 1, ttl=self.ttl, now=now)
+        reason = self._install(mine, version, started)
+        if reason is None and current.state == "held":
+            # Only an expired lease can have a live former holder to fence out;
+            # a dead process on this host writes nothing more.
+            self.needs_seal = not current.is_dead()
+            logger.warning(
+                "took over lease %s from %s (%s); now epoch %d",
+                self.obj_name,
+                current.describe(),
+                "dead process" if current.is_dead() else "expired",
+                mine.epoch,
+            )
+        return reason
+
+    def _take_lock_object(
+        self, data: bytes, version: str, now: float, started: float
+    ) -> str | None:
+        """A plain lock object (no lease): held unless its owner is a dead local process."""
+        try:
+            holder = LockOwner.model_validate_json(data)
+        except ValidationError:
+            return "the lock object cannot be parsed, which counts as held"
+        if not holder.is_dead():
+            return f"it is held by {holder.describe()} (a lock object without a lease)"
+        logger.warning("took over lock %s from dead process %s", self.obj_name, holder.describe())
+        return self._install(LeaseRecord.new(epoch=1, ttl=self.ttl, now=now), version, started)
+
+    def _install(self, mine: LeaseRecord, version: str | None, started: float) -> str | None:
+        data = mine.model_dump_json().encode()
+        new_version: str | None
+        try:
+            new_version = self._io(self.io.write_if, self.obj_name, data, version)
+        except VersionConflict:
+            new_version = self._mine_after_conflict(mine)
+            if new_version is None:
+                return "another worker took it at the same moment"
+        with self._state_lock:
+            self.owner = mine
+            self._version = new_version
+            self._deadline = started + self.ttl
+            self._lost = False
+        self._start_heartbeat()
+        return None
+
+    def _mine_after_conflict(self, mine: LeaseRecord) -> str | None:
+        """After a refused write: did an earlier try of ours land (the reply was lost)?"""
+        try:
+            data, version = self._io(self.io.read_versioned, self.obj_name)
+            record = LeaseRecord.model_validate_json(data)
+        except (FileNotFoundError, ValidationError):
+            return None
+        return version if record.nonce == mine.nonce else None
+
+    # -------------------------------------------------------------- holding
+
+    def check(self) -> None:
+        """Raise `LeaseLostError` if the lease was lost or its local deadline passed."""
+        with self._state_lock:
+            if not self._lost and time.monotonic() > self._deadline:
+                self._lost = True
+                logger.error("lease %s passed its local deadline", self.obj_name)
+            lost = self._lost
+            epoch = self.epoch
+        if lost:
+            raise LeaseLostError(
+                f"lease {self.obj_name!r} (epoch {epoch}) was lost: another worker may own "
+                "the task now, so this one stops and writes nothing more",
+                obj_name=self.obj_name,
+            )
+
+    def mark_lost(self) -> None:
+        """Record that the lease is lost (a fenced write was refused)."""
+        with self._state_lock:
+            self._lost = True
+
+    def renew(self) -> bool:
+        """Renew once; return False if the lease is lost (taken over or past its deadline)."""
+        with self._state_lock:
+            owner, version, lost = self.owner, self._version, self._lost
+        if owner is None or lost:
+            return False
+        started = time.monotonic()
+        mine = owner.renewed(self.clock())
+        new_version: str | None
+        try:
+            new_version = self._io(
+                self.io.write_if, self.obj_name, mine.model_dump_json().encode(), version
+            )
+        except VersionConflict:
+            new_version = self._mine_after_conflict(mine)
+            if new_version is None:
+                logger.error("lease %s was taken over", self.obj_name)
+                self.mark_lost()
+                return False
+        except Exception as exc:  # storage trouble: keep trying until the deadline
+            logger.warning("could not renew lease %s: %r", self.obj_name, exc)
+            with self._state_lock:
+                if time.monotonic() > self._deadline:
+                    self._lost = True
+                return not self._lost
+        with self._state_lock:
+            if self._lost:
+                return False
+            self.owner = mine
+            self._version = new_version
+            self._deadline = started + self.ttl
+        return True
+
+    def _start_heartbeat(self) -> None:
+        self._stop.clear()
+        self._thread = threading.Thread(
+            target=self._beat, name=f"checkmate-lease:{self.obj_name}", daemon=True
+        )
+        self._thread.start()
+
+    def _beat(self) -> None:
+        period = self.ttl / 3
+        wait = period
+        while not self._stop.wait(wait):
+            if self.renew():
+                wait = period
+            elif self._lost:
+                return
+            else:
+                wait = min(period, max(self.ttl / 20, 0.05))  # failing: retry sooner
+
+    def _stop_heartbeat(self) -> None:
+        self._stop.set()
+        thread, self._thread = self._thread, None
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
+
+    # -------------------------------------------------------------- release
+
+    def release(self, delete: bool = False) -> None:
+        """Stop renewing and mark the lease released, keeping its epoch.
+
+        With ``delete`` (the task's objects are being removed), delete the
+        lease object instead, if it is still ours. Nothing is written after
+        the lease was lost.
+        """
+        self._stop_heartbeat()
+        with self._state_lock:
+            owner, version, lost = self.owner, self._version, self._lost
+            self.owner = None
+            self._version = None
+        if owner is None or lost:
+            return
+        data = owner.released(self.clock()).model_dump_json().encode()
+        try:
+            if delete and version is not None:
+                self._io(self.io.delete_if, self.obj_name, version)
+            else:
+                self._io(self.io.write_if, self.obj_name, data, version)
+        except VersionConflict:
+            logger.warning("lease %s was taken over before release", self.obj_name)
+
+    @staticmethod
+    def is_held(io: TaskIO, obj_name: str, skew: float) -> bool:
+        """Tell whether the lock object holds a live lease (owner liveness not considered)."""
+        del skew
+        try:
+            record = LeaseRecord.model_validate_json(io.read(obj_name))
+        except FileNotFoundError:
+            return False
+        except ValidationError:
+            return True  # unreadable: treat as held, like acquire does
+        return record.is_live(time.time())
