@@ -56,7 +56,7 @@ from colorama import Style
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from . import locking as _locking
-from .codec import FORMAT_VERSION, META_KEY, _check_history
+from .codec import FORMAT_VERSION, META_KEY, check_history
 from .errors import (
     BindException,
     ConfigurationError,
@@ -523,7 +523,7 @@ def parse_stage_object(task_id: str, obj_name: str, data: bytes) -> StoredStage 
         return f"its state belongs to task {state.task_id!r}, stage {state.stage_name!r}"
     if state.status is StageStatus.UNBOUND:
         return "a persisted stage cannot be UNBOUND"
-    problem = _check_history(state)
+    problem = check_history(state)
     if problem is not None:
         return problem
     return StoredStage(obj_name=obj_name, data=data, model=model)

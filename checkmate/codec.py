@@ -27,6 +27,7 @@ from .stage import BaseStage
 from .transitions import can_transition
 
 __all__ = [
+    "check_history",
     "FORMAT_VERSION",
     "META_KEY",
     "class_path",
@@ -106,7 +107,8 @@ def _corrupt(obj_name: str, task_id: str, stage_name: str, reason: str) -> Corru
     )
 
 
-def _check_history(state: BaseStageState[Any]) -> str | None:
+def check_history(state: BaseStageState[Any]) -> str | None:
+    """Return what is wrong with a state's history (order, transitions, attempts), or None."""
     previous: StageStatus | None = None
     last_attempt = 0
     for index, entry in enumerate(state.history):
@@ -201,7 +203,7 @@ def decode_state(
         )
     if state.status is StageStatus.UNBOUND:
         raise _corrupt(obj_name, task_id, name, "a persisted stage cannot be UNBOUND")
-    problem = _check_history(state)
+    problem = check_history(state)
     if problem is not None:
         raise _corrupt(obj_name, task_id, name, problem)
     return state

@@ -811,12 +811,16 @@ class CheckMateEngine(Generic[STAGE, STAGE_RESULT]):
             try:
                 stage.execute_stage(previous)
             except Exception as exc:
+                if self._cancel_seen:  # the stage stopped because it saw the request
+                    return False
                 last_error = exc
                 self._stage_failed(stage, exc, attempt, begin)
                 continue
             except BaseException as exc:
                 self._interrupted(stage, begin, attempt, exc)
                 raise
+            if self._cancel_seen:  # it returned early, seeing the request
+                return False
             try:
                 stage._record(f"attempt {attempt} completed", _S.COMPLETE, begin)
             except StateSerializationError as exc:

@@ -25,7 +25,7 @@ def test_cancel_from_cli_cancels_a_running_task_from_another_process() -> None:
     assert "worker: crunch's cancel() hook ran" in out
     assert "worker: the engine returned CANCELED" in out
     assert "task status found in the store: CANCELED" in out
-    assert "| crunch | 1 | RETRY → CANCELED |" in out
+    assert "| crunch | 1 | RUNNING → CANCELED |" in out
     assert "| publish | 0 | CREATED → CANCELED |" in out
     assert "publishing" not in out, "the last stage ran after the cancel"
     assert "\x1b" not in out

@@ -216,7 +216,7 @@ class LocalFileBackend(Backend):
         if not self.conditional_write:
             super().delete_if(path, version)
             return
-        _files.cas_delete(Path(path), version)
+        _files.cas_delete(Path(path), version, Path(self.root))
 
     def sweep(self, prefix: str) -> int:
         """Delete temp files of dead writers."""

@@ -140,7 +140,12 @@ def delete_file(path: Path, root: Path) -> None:
         return
     except IsADirectoryError:
         return
-    parent = path.parent
+    prune_empty_dirs(path.parent, root)
+
+
+def prune_empty_dirs(directory: Path, root: Path) -> None:
+    """Remove ``directory`` and its parents while they are empty, up to ``root``."""
+    parent = directory
     while parent != root and root in parent.parents:
         try:
             parent.rmdir()
@@ -254,9 +259,10 @@ def cas_write(path: Path, data: bytes, version: str | None) -> str:
     return content_version(data)
 
 
-def cas_delete(path: Path, version: str) -> None:
-    """Delete ``path`` only if its content version is ``version``."""
+def cas_delete(path: Path, version: str, root: Path) -> None:
+    """Delete ``path`` only if its content version is ``version``, then prune empty dirs."""
     with _locked_dir(path.parent):
         _check_version(path, version, _read_or_none(path))
         path.unlink()
         _fsync_dir(path.parent)
+    prune_empty_dirs(path.parent, root)

@@ -70,7 +70,7 @@ class LocalTaskIO(TaskIO):
         if not self.supports_conditional_write:
             super().delete_if(obj_name, version)
             return
-        _files.cas_delete(self._path(obj_name), version)
+        _files.cas_delete(self._path(obj_name), version, self._root)
 
     def exists(self, obj_name: str) -> bool:
         """Tell whether the object exists."""
