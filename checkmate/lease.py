@@ -64,6 +64,8 @@ def self_test(io: TaskIO, scratch_name: str) -> None:
     Raises:
         LockUnsupportedError: The store does not enforce preconditions.
     """
+    if not io.needs_self_test:
+        return
     key = _store_key(io)
     with _TRUSTED_LOCK:
         if _TRUSTED.get(key):
@@ -222,18 +224,18 @@ class Lease:
 
     def check(self) -> None:
         """Raise `LeaseLostError` if the lease was lost or its local deadline passed."""
+        if not self._lost and time.monotonic() <= self._deadline:
+            return  # the hot path: no lock needed to read two plain attributes
         with self._state_lock:
-            if not self._lost and time.monotonic() > self._deadline:
+            if not self._lost:
                 self._lost = True
                 logger.error("lease %s passed its local deadline", self.obj_name)
-            lost = self._lost
             epoch = self.epoch
-        if lost:
-            raise LeaseLostError(
-                f"lease {self.obj_name!r} (epoch {epoch}) was lost: another worker may own "
-                "the task now, so this one stops and writes nothing more",
-                obj_name=self.obj_name,
-            )
+        raise LeaseLostError(
+            f"lease {self.obj_name!r} (epoch {epoch}) was lost: another worker may own "
+            "the task now, so this one stops and writes nothing more",
+            obj_name=self.obj_name,
+        )
 
     def mark_lost(self) -> None:
         """Record that the lease is lost (a fenced write was refused)."""

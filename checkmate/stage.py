@@ -228,7 +228,7 @@ class BaseStage(BaseModel, ABC, Generic[STAGE_STATE]):
             )
         end = time.time() if end_ts is None else end_ts
         attempts = state.attempts
-        entry = StageStateHistoryEntry(
+        entry = StageStateHistoryEntry.model_construct(  # values made here: no validation
             attempt=attempts,
             begin_status=begin_status,
             end_status=status,

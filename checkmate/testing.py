@@ -30,6 +30,7 @@ class WrappingTaskIO(TaskIO):
         self.supports_atomic_create = inner.supports_atomic_create
         self.supports_conditional_write = inner.supports_conditional_write
         self.min_rewrite_interval = inner.min_rewrite_interval
+        # needs_self_test stays True: a wrapper may change what the store enforces.
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.inner!r})"
@@ -74,6 +75,10 @@ class WrappingTaskIO(TaskIO):
     def sweep(self, prefix: str) -> int:
         """Forwarded `TaskIO.sweep`."""
         return self._call("sweep", self.inner.sweep, prefix)
+
+    def sync(self, prefix: str) -> None:
+        """Forwarded `TaskIO.sync`."""
+        self._call("sync", self.inner.sync, prefix)
 
     def read_versioned(self, obj_name: str) -> tuple[bytes, str]:
         """Forwarded `TaskIO.read_versioned`."""

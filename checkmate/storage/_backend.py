@@ -12,8 +12,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from fsspec.implementations.memory import MemoryFile
+
 from ..errors import VersionConflict
-from . import _files
+from ._localfs import LocalFiles
 from .base import content_version
 
 __all__ = ["Backend", "LocalFileBackend", "MemoryBackend"]
@@ -29,6 +31,7 @@ class Backend:
     atomic_create = False
     conditional_write = False
     min_rewrite_interval = 0.0
+    needs_self_test = True
 
     def __init__(self, fs: Any, root: str) -> None:
         self.fs = fs
@@ -115,6 +118,10 @@ class Backend:
         del prefix
         return 0
 
+    def sync(self, prefix: str) -> None:
+        """Nothing to do: every write is already in its final, durable form."""
+        del prefix
+
 
 def _check(path: str, version: str | None, current: bytes | None) -> None:
     if version is None:
@@ -127,73 +134,145 @@ def _check(path: str, version: str | None, current: bytes | None) -> None:
 
 
 class MemoryBackend(Backend):
-    """fsspec's process-wide memory store, made atomic with one process-wide lock."""
+    """fsspec's process-wide memory store, made atomic with one process-wide lock.
+
+    Works on the store's dict directly: one lookup or assignment per call.
+    Each stored file remembers the version it was written with.
+    """
 
     atomic_create = True
     conditional_write = True
+    needs_self_test = False
+
+    def _key(self, path: str) -> str:
+        return str(self.fs._strip_protocol(path))
+
+    def _put(self, key: str, data: bytes) -> str:
+        version = content_version(data)
+        stored = MemoryFile(self.fs, key, data)
+        stored.checkmate_version = version
+        self.fs.store[key] = stored
+        return version
+
+    def _get(self, key: str) -> tuple[bytes, str] | None:
+        stored = self.fs.store.get(key)
+        if stored is None:
+            return None
+        data = bytes(stored.getbuffer())
+        version = getattr(stored, "checkmate_version", None) or content_version(data)
+        return data, version
+
+    def read(self, path: str) -> bytes:
+        """Return the object's bytes."""
+        found = self._get(self._key(path))
+        if found is None:
+            raise FileNotFoundError(path)
+        return found[0]
+
+    def read_versioned(self, path: str) -> tuple[bytes, str]:
+        """Return the object's bytes and version."""
+        found = self._get(self._key(path))
+        if found is None:
+            raise FileNotFoundError(path)
+        return found
 
     def write(self, path: str, data: bytes) -> None:
         """Replace the object (one dict assignment)."""
         with _MEMORY_LOCK:
-            self.fs.pipe_file(path, data)
+            self._put(self._key(path), data)
+
+    def _taken(self, key: str) -> bool:
+        # Like an object store, memory lets an object and keys below it coexist.
+        return key in self.fs.store or key in self.fs.pseudo_dirs
 
     def create(self, path: str, data: bytes) -> bool:
         """Atomic create-if-absent."""
+        key = self._key(path)
         with _MEMORY_LOCK:
-            if self.fs.exists(path):  # a "directory" of that name blocks it too
+            if self._taken(key):
                 return False
-            self.fs.pipe_file(path, data)
+            self._put(key, data)
             return True
 
     def exists(self, path: str) -> bool:
         """Tell whether the object exists."""
-        return bool(self.fs.isfile(path))
+        return self._key(path) in self.fs.store
 
     def write_if(self, path: str, data: bytes, version: str | None) -> str:
         """Atomic compare-and-swap."""
+        key = self._key(path)
         with _MEMORY_LOCK:
-            if version is None and self.fs.exists(path):  # a "directory" blocks it too
-                raise VersionConflict(f"{path} already exists", obj_name=path)
-            return super().write_if(path, data, version)
+            if version is None:
+                if self._taken(key):
+                    raise VersionConflict(f"{path} already exists", obj_name=path)
+            else:
+                found = self._get(key)
+                if found is None or found[1] != version:
+                    raise VersionConflict(f"{path} has changed or is gone", obj_name=path)
+            return self._put(key, data)
 
     def delete_if(self, path: str, version: str) -> None:
         """Atomic conditional delete."""
+        key = self._key(path)
         with _MEMORY_LOCK:
-            super().delete_if(path, version)
+            found = self._get(key)
+            if found is None or found[1] != version:
+                raise VersionConflict(f"{path} has changed or is gone", obj_name=path)
+            del self.fs.store[key]
+
+    def read_many(self, paths: Sequence[str]) -> dict[str, bytes]:
+        """Read several objects; missing ones are left out."""
+        return {p: f[0] for p in paths if (f := self._get(self._key(p))) is not None}
+
+    def read_many_versioned(self, paths: Sequence[str]) -> dict[str, tuple[bytes, str]]:
+        """Read several objects with versions; missing ones are left out."""
+        return {p: f for p in paths if (f := self._get(self._key(p))) is not None}
 
 
 class LocalFileBackend(Backend):
-    """``file://`` paths: the same crash-safe primitives as `LocalTaskIO`."""
+    """``file://`` paths: the same crash-safe implementation as `LocalTaskIO`."""
 
     atomic_create = True
-    conditional_write = _files.CAS_SUPPORTED
+    needs_self_test = False
+
+    def __init__(self, fs: Any, root: str) -> None:
+        super().__init__(fs, root)
+        self.files = LocalFiles(Path(root))
+        self.conditional_write = self.files.journaled
+        self._prefix = root.rstrip("/") + "/"
+
+    def _name(self, path: str) -> str:
+        return path[len(self._prefix) :]
 
     def read(self, path: str) -> bytes:
         """Return the file's bytes."""
-        return _files.read_file(Path(path))
+        return self.files.read(self._name(path))
+
+    def read_versioned(self, path: str) -> tuple[bytes, str]:
+        """Return the file's bytes and content version."""
+        return self.files.read_versioned(self._name(path))
 
     def write(self, path: str, data: bytes) -> None:
-        """Temp file, fsync, rename, fsync of the directory."""
-        _files.atomic_write(Path(path), data)
+        """Durable, atomic replace."""
+        self.files.write(self._name(path), data)
 
     def create(self, path: str, data: bytes) -> bool:
-        """Hard-link a complete temp file into place."""
-        return _files.atomic_create(Path(path), data)
+        """Durable, atomic create-if-absent."""
+        return self.files.create(self._name(path), data)
 
     def exists(self, path: str) -> bool:
         """Tell whether the file exists."""
-        return Path(path).is_file()
+        return self.files.exists(self._name(path))
 
     def delete(self, path: str) -> None:
-        """Unlink, then prune the directories left empty (up to the root)."""
-        _files.delete_file(Path(path), Path(self.root))
+        """Delete, pruning directories left empty."""
+        self.files.delete(self._name(path))
 
     def find(self, start: str) -> list[str]:
-        """Every file below ``start``, temp files excluded."""
-        root = Path(self.root)
-        rel = Path(start).relative_to(root).as_posix() if start != self.root else ""
-        prefix = rel + "/" if rel else ""
-        return [f"{self.root}/{name}" for name in _files.list_files(root, prefix)]
+        """Every object file below ``start``."""
+        rel = start[len(self._prefix) :] if start.startswith(self._prefix) else ""
+        names = self.files.list(rel + "/" if rel else "")
+        return [self._prefix + name for name in names]
 
     def read_many(self, paths: Sequence[str]) -> dict[str, bytes]:
         """Read files one after another (local reads are cheap)."""
@@ -206,18 +285,22 @@ class LocalFileBackend(Backend):
         return found
 
     def write_if(self, path: str, data: bytes, version: str | None) -> str:
-        """flock-guarded compare-and-swap."""
+        """Compare-and-swap under the directory lock."""
         if not self.conditional_write:
             return super().write_if(path, data, version)
-        return _files.cas_write(Path(path), data, version)
+        return self.files.write_if(self._name(path), data, version)
 
     def delete_if(self, path: str, version: str) -> None:
-        """flock-guarded conditional delete."""
+        """Conditional delete under the directory lock."""
         if not self.conditional_write:
             super().delete_if(path, version)
             return
-        _files.cas_delete(Path(path), version, Path(self.root))
+        self.files.delete_if(self._name(path), version)
 
     def sweep(self, prefix: str) -> int:
         """Delete temp files of dead writers."""
-        return _files.sweep_temp_files(Path(self.root), prefix)
+        return self.files.sweep(prefix)
+
+    def sync(self, prefix: str) -> None:
+        """Checkpoint the journals below ``prefix``."""
+        self.files.sync(prefix)

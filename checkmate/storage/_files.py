@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import os
 import secrets
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 try:
@@ -38,9 +36,12 @@ def _host_tag() -> str:
     return hashlib.sha256(ident.encode()).hexdigest()[:8]
 
 
+JOURNAL_NAME = ".checkmate-journal"
+
+
 def is_temp_name(basename: str) -> bool:
-    """Tell whether a file name is one of our temporary files."""
-    return basename.startswith(".") and TEMP_MARKER in basename
+    """Tell whether a file name is one of ours that is not an object (temp file, journal)."""
+    return basename.startswith(".") and (TEMP_MARKER in basename or basename == JOURNAL_NAME)
 
 
 def _temp_path(path: Path) -> Path:
@@ -49,7 +50,8 @@ def _temp_path(path: Path) -> Path:
     return path.with_name(f".{path.name}{TEMP_MARKER}{tag}")
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
+    """Fsync a directory, so that the names in it survive a crash (no-op on Windows)."""
     if not _DIR_FSYNC:
         return
     try:
@@ -76,7 +78,7 @@ def _write_temp(path: Path, data: bytes) -> Path:
             if attempt == _MAKEDIRS_TRIES - 1:
                 raise
             path.parent.mkdir(parents=True, exist_ok=True)
-            _fsync_dir(path.parent.parent)
+            fsync_dir(path.parent.parent)
             continue
         try:
             view = memoryview(data)
@@ -93,6 +95,58 @@ def _write_temp(path: Path, data: bytes) -> Path:
     raise AssertionError("unreachable")  # pragma: no cover
 
 
+def make_dirs(directory: Path) -> None:
+    """Create ``directory`` and its parents, fsyncing each parent that gained an entry."""
+    if directory.is_dir():
+        return
+    make_dirs(directory.parent)
+    try:
+        directory.mkdir()
+    except FileExistsError:
+        return
+    fsync_dir(directory.parent)
+
+
+def fsync_file(path: Path) -> None:
+    """Fsync a file's data, if the file exists."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def publish(path: Path, data: bytes) -> None:
+    """Replace ``path`` atomically (temp file + rename) without forcing it to disk."""
+    for attempt in range(_MAKEDIRS_TRIES):
+        tmp = _temp_path(path)
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileNotFoundError:
+            if attempt == _MAKEDIRS_TRIES - 1:
+                raise
+            make_dirs(path.parent)
+            continue
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+        except BaseException:
+            os.close(fd)
+            tmp.unlink(missing_ok=True)
+            raise
+        os.close(fd)
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return
+
+
 def atomic_write(path: Path, data: bytes) -> None:
     """Replace ``path`` with ``data``: temp file, fsync, rename, fsync of the directory."""
     tmp = _write_temp(path, data)
@@ -101,7 +155,7 @@ def atomic_write(path: Path, data: bytes) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def atomic_create(path: Path, data: bytes) -> bool:
@@ -119,7 +173,7 @@ def atomic_create(path: Path, data: bytes) -> bool:
         return False
     finally:
         tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return True
 
 
@@ -154,7 +208,7 @@ def prune_empty_dirs(directory: Path, root: Path) -> None:
         parent = parent.parent
 
 
-def _start_dir(root: Path, prefix: str) -> Path:
+def start_dir(root: Path, prefix: str) -> Path:
     """The directory below ``root`` that holds every name starting with ``prefix``."""
     head, _, _ = prefix.rpartition("/")
     return root.joinpath(*check_obj_name(head).split("/")) if head else root
@@ -162,7 +216,7 @@ def _start_dir(root: Path, prefix: str) -> Path:
 
 def list_files(root: Path, prefix: str) -> list[str]:
     """Return the sorted '/'-joined names of the files below ``root`` starting with ``prefix``."""
-    start = _start_dir(root, prefix)
+    start = start_dir(root, prefix)
     if not start.is_dir():
         return []
     names: list[str] = []
@@ -197,7 +251,7 @@ def sweep_temp_files(root: Path, prefix: str) -> int:
     Returns:
         How many files were removed.
     """
-    start = _start_dir(root, prefix)
+    start = start_dir(root, prefix)
     if not start.is_dir():
         return 0
     removed = 0
@@ -212,20 +266,16 @@ def sweep_temp_files(root: Path, prefix: str) -> int:
     return removed
 
 
-@contextlib.contextmanager
-def _locked_dir(directory: Path) -> Iterator[None]:
-    """Hold an exclusive flock on ``directory`` (created if missing)."""
-    assert fcntl is not None
-    directory.mkdir(parents=True, exist_ok=True)
-    fd = os.open(directory, os.O_RDONLY)
+def read_or_none(path: Path) -> bytes | None:
+    """The file's bytes, or None if it does not exist."""
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # closing the descriptor releases the flock
+        return read_file(path)
+    except FileNotFoundError:
+        return None
 
 
-def _check_version(path: Path, version: str | None, current: bytes | None) -> None:
+def check_version(path: Path, version: str | None, current: bytes | None) -> None:
+    """Raise VersionConflict unless ``current`` has content version ``version`` (None: absent)."""
     if version is None:
         if current is not None:
             raise VersionConflict(f"{path} already exists", obj_name=path.name)
@@ -234,35 +284,3 @@ def _check_version(path: Path, version: str | None, current: bytes | None) -> No
         raise VersionConflict(f"{path} does not exist", obj_name=path.name)
     if content_version(current) != version:
         raise VersionConflict(f"{path} has changed", obj_name=path.name)
-
-
-def _read_or_none(path: Path) -> bytes | None:
-    try:
-        return read_file(path)
-    except FileNotFoundError:
-        return None
-
-
-def cas_write(path: Path, data: bytes, version: str | None) -> str:
-    """Write ``path`` only if its content version is ``version`` (None: absent).
-
-    An exclusive flock on the directory serialises every compare-and-swap in
-    it; creating uses the hard-link protocol, so it also excludes `atomic_create`.
-    """
-    with _locked_dir(path.parent):
-        _check_version(path, version, _read_or_none(path))
-        if version is None:
-            if not atomic_create(path, data):
-                raise VersionConflict(f"{path} already exists", obj_name=path.name)
-        else:
-            atomic_write(path, data)
-    return content_version(data)
-
-
-def cas_delete(path: Path, version: str, root: Path) -> None:
-    """Delete ``path`` only if its content version is ``version``, then prune empty dirs."""
-    with _locked_dir(path.parent):
-        _check_version(path, version, _read_or_none(path))
-        path.unlink()
-        _fsync_dir(path.parent)
-    prune_empty_dirs(path.parent, root)

@@ -43,6 +43,9 @@ class TaskIO(ABC):
             of a worker that lost its lease, need it; without it the engine
             falls back to locks that only a dead process on the same host
             loses.
+        needs_self_test: False only for implementations whose conditional
+            writes are known to be enforced (checkmate's own local and memory
+            stores); others are checked once per process before a lease.
         min_rewrite_interval: The shortest interval, in seconds, at which the
             store accepts rewrites of one object (GCS: about 1 s); leases
             renew no faster.
@@ -51,6 +54,7 @@ class TaskIO(ABC):
     supports_atomic_create: bool = True
     supports_conditional_write: bool = False
     min_rewrite_interval: float = 0.0
+    needs_self_test: bool = True
 
     @abstractmethod
     def read(self, obj_name: str) -> bytes:
@@ -172,6 +176,15 @@ class TaskIO(ABC):
         """
         del prefix
         return 0
+
+    def sync(self, prefix: str) -> None:
+        """Bring every write below ``prefix`` into its final, compact form.
+
+        Writes are durable when they return; a store that journals them (like
+        `LocalTaskIO`) folds the journal into the objects here. The engine
+        calls it when it unbinds a task. The default does nothing.
+        """
+        del prefix
 
     def read_many(self, obj_names: Iterable[str]) -> dict[str, bytes]:
         """Read several objects; missing ones are left out of the result.

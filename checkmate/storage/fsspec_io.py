@@ -83,6 +83,7 @@ class FsspecTaskIO(TaskIO):
         self.supports_atomic_create = self._backend.atomic_create
         self.supports_conditional_write = self._backend.conditional_write
         self.min_rewrite_interval = self._backend.min_rewrite_interval
+        self.needs_self_test = self._backend.needs_self_test
 
     def __repr__(self) -> str:
         return f"FsspecTaskIO({self._url!r})"
@@ -167,3 +168,7 @@ class FsspecTaskIO(TaskIO):
     def sweep(self, prefix: str) -> int:
         """On local files, delete temp files left by dead writers; elsewhere nothing."""
         return self._backend.sweep(prefix)
+
+    def sync(self, prefix: str) -> None:
+        """On local files, checkpoint the journals below ``prefix``; elsewhere nothing."""
+        self._backend.sync(prefix)

@@ -1,0 +1,109 @@
+"""One implementation of every local-disk operation, for `LocalTaskIO` and ``file://``.
+
+On POSIX, writes go through the per-directory journal (`_journal`): durable
+with one append + fsync, published with a cheap rename, compare-and-swap
+under a directory lock. Elsewhere (Windows) each write is a temp file, fsync,
+rename and directory fsync, and compare-and-swap is not offered.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from . import _files
+from ._journal import ANY, JournaledDirectories
+from .base import content_version
+
+__all__ = ["LocalFiles"]
+
+
+class LocalFiles:
+    """Objects as files below ``root`` (names are relative, '/'-separated, pre-checked)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.journaled = _files.CAS_SUPPORTED
+        self._journal = JournaledDirectories(root) if self.journaled else None
+
+    def path(self, name: str) -> Path:
+        """The file of an object name."""
+        return self.root.joinpath(*name.split("/"))
+
+    def read(self, name: str) -> bytes:
+        """The object's bytes (FileNotFoundError if absent)."""
+        path = self.path(name)
+        if self._journal is not None:
+            self._journal.recover(path.parent)
+        return _files.read_file(path)
+
+    def read_versioned(self, name: str) -> tuple[bytes, str]:
+        """The object's bytes and content version."""
+        data = self.read(name)
+        return data, content_version(data)
+
+    def write(self, name: str, data: bytes) -> None:
+        """Durable, atomic replace."""
+        if self._journal is None:
+            _files.atomic_write(self.path(name), data)
+        else:
+            self._journal.write(self.path(name), data, ANY)
+
+    def create(self, name: str, data: bytes) -> bool:
+        """Durable, atomic create-if-absent."""
+        if self._journal is None:
+            return _files.atomic_create(self.path(name), data)
+        return self._journal.create(self.path(name), data)
+
+    def write_if(self, name: str, data: bytes, version: str | None) -> str:
+        """Compare-and-swap on the content version (journaled only)."""
+        assert self._journal is not None
+        self._journal.write(self.path(name), data, version)
+        return content_version(data)
+
+    def delete(self, name: str) -> None:
+        """Delete if present, pruning directories left empty."""
+        if self._journal is None:
+            _files.delete_file(self.path(name), self.root)
+        else:
+            self._journal.delete(self.path(name))
+
+    def delete_if(self, name: str, version: str) -> None:
+        """Conditional delete (journaled only)."""
+        assert self._journal is not None
+        self._journal.delete(self.path(name), version)
+
+    def exists(self, name: str) -> bool:
+        """Tell whether the object exists."""
+        path = self.path(name)
+        if self._journal is not None:
+            self._journal.recover(path.parent)
+        return path.is_file()
+
+    def list(self, prefix: str) -> list[str]:
+        """Sorted names starting with ``prefix`` (recovering journaled directories first)."""
+        if self._journal is not None:
+            start = _files.start_dir(self.root, prefix)
+            if start.is_dir():
+                for dirpath, _dirs, files in os.walk(start):
+                    if _files.JOURNAL_NAME in files:
+                        self._journal.recover(Path(dirpath))
+        return _files.list_files(self.root, prefix)
+
+    def sweep(self, prefix: str) -> int:
+        """Remove temp files of dead writers below ``prefix``."""
+        return _files.sweep_temp_files(self.root, prefix)
+
+    def sync(self, prefix: str, wait: bool = False) -> None:
+        """Checkpoint the journals below ``prefix`` into plain, durable files.
+
+        By default on a background thread (writes are durable already); `flush`
+        waits for it.
+        """
+        if self._journal is not None:
+            self._journal.sync(_files.start_dir(self.root, prefix), wait=wait)
+
+    def flush(self) -> None:
+        """Wait for background checkpoints."""
+        if self._journal is not None:
+            self._journal.flush()
