@@ -15,31 +15,28 @@ from typing import Any, Generic, Literal, TypeVar
 from colorama import Fore
 from pydantic import BaseModel, Field, SkipValidation
 
-from .codec import class_path, decode_state, encode_stage, meta_prefix
+from ._task_objects import TaskObjects
+from .codec import class_path
 from .errors import (
     ConfigurationError,
     InterruptedStageError,
-    LeaseLostError,
     StageFailedError,
     StateMismatchError,
     StateSerializationError,
     TaskEngineException,
     TaskStateError,
-    VersionConflict,
 )
 from .locking import DEFAULT_LOCK_SKEW, DEFAULT_LOCK_TTL, BindLock
 from .models import CANCELABLE_STATES, STAGE_RESULT, BaseStageState, RetryPolicy, StageStatus
 from .naming import (
-    STAGE_SUFFIX,
     cancel_obj_name,
     check_task_id,
     lock_obj_name,
     new_task_id,
-    stage_obj_name,
     task_prefix,
 )
 from .render import StageView, render_stages
-from .retry import StorageRetry, storage_call
+from .retry import StorageRetry
 from .stage import BaseStage
 from .storage.base import TaskIO
 from .transitions import aggregate_status, find_invalid_pair
@@ -53,7 +50,6 @@ STAGE = TypeVar("STAGE", bound=BaseStage[Any])
 
 _S = StageStatus
 _T = TypeVar("_T")
-_MAX_SEAL_TRIES = 10
 Source = Literal["memory", "persistence"]
 
 
@@ -165,20 +161,15 @@ class CheckMateEngine(Generic[STAGE, STAGE_RESULT]):
             )
         self.lock_ttl = lock_ttl
         self.lock_skew = lock_skew
-        self._versions: dict[str, str] = {}
         self.task_state: TaskEngineState[STAGE] = TaskEngineState(
             stage_template_classes=[class_path(type(t)) for t in templates],
             stage_templates=[_copy_model(t) for t in templates],
         )
         self._stage_list: list[STAGE] | None = None
         self._positions: dict[int, int] = {}
-        self._obj_names = [
-            stage_obj_name(self.task_id, t.stage_name) for t in self.task_state.stage_templates
-        ]
-        self._prefixes = [
-            meta_prefix(t, i, len(templates), None)
-            for i, t in enumerate(self.task_state.stage_templates)
-        ]
+        self._objects = TaskObjects(
+            io, self.task_id, self.task_state.stage_templates, self.storage_retry
+        )
         self._lock: BindLock | None = None
         self._bound = False
         self._keep_state = False
@@ -342,72 +333,14 @@ class CheckMateEngine(Generic[STAGE, STAGE_RESULT]):
 
     def _call(self, action: str, obj_name: str, func: Callable[..., _T], *args: Any) -> _T:
         """Run one storage call with retries; a final failure becomes a StorageError."""
-        return storage_call(self.storage_retry, action, obj_name, func, *args, task_id=self.task_id)
+        return self._objects.call(action, obj_name, func, *args)
 
     def _persist_stage(self, stage: BaseStage[Any], create: bool = False) -> None:
-        """Write a stage's object; with ``create``, only if it does not exist yet.
-
-        Under a lease every write is fenced: it is refused once the lease is
-        lost, and it is a compare-and-swap on the version this engine last
-        wrote, so it fails if a new owner touched the object meanwhile.
-        """
-        position = self._positions[id(stage)]
-        data = encode_stage(stage, self._prefixes[position], self.task_id)
-        name = self._obj_names[position]
-        if self._fenced:
-            self._fenced_write(name, data, None if create else self._versions.get(name))
-            return
-        if not create:
-            self._call("write", name, self.io.write, name, data)
-            return
-        if not self._call("create", name, self.io.create, name, data) and not self._is_ours(
-            name, data
-        ):
-            raise StateMismatchError(
-                f"stage object {name!r} of task {self.task_id!r} appeared while the task was "
-                "being created: another process is running it without a lock",
-                task_id=self.task_id,
-                stage_name=stage.stage_name,
-                obj_name=name,
-            )
-
-    @property
-    def _fenced(self) -> bool:
-        return self._lock is not None and self._lock.is_lease
-
-    def _fenced_write(self, name: str, data: bytes, version: str | None) -> None:
-        lock = self._lock
-        assert lock is not None
-        lock.check()
-        try:
-            self._versions[name] = self._call("write", name, self.io.write_if, name, data, version)
-        except VersionConflict as exc:
-            if self._is_ours(name, data):  # an earlier, retried try of ours landed
-                self._versions[name] = self._call("read", name, self.io.read_versioned, name)[1]
-                return
-            lock.mark_lost()
-            raise LeaseLostError(
-                f"task {self.task_id!r}: {name!r} was changed by another worker, which took "
-                "over the lease; this worker stops and writes nothing more",
-                task_id=self.task_id,
-                obj_name=name,
-            ) from exc
-
-    def _is_ours(self, name: str, data: bytes) -> bool:
-        """After a create that reported "exists": did an earlier, retried try of ours land?"""
-        try:
-            return bool(self._call("read", name, self.io.read, name) == data)
-        except FileNotFoundError:
-            return False
+        """Write a stage's object (fenced under a lease); called by `BaseStage.update_status`."""
+        self._objects.write(self._positions[id(stage)], stage, create)
 
     def _load_stage_state(self, stage: BaseStage[Any]) -> BaseStageState[Any] | None:
-        position = self._template_position(stage.stage_name)
-        name = stage_obj_name(self.task_id, stage.stage_name)
-        try:
-            data = self._call("read", name, self.io.read, name)
-        except FileNotFoundError:
-            return None
-        return self._decode(position, name, data)
+        return self._objects.read_one(self._template_position(stage.stage_name))
 
     def _template_position(self, stage_name: str) -> int:
         for index, template in enumerate(self.task_state.stage_templates):
@@ -419,58 +352,12 @@ class CheckMateEngine(Generic[STAGE, STAGE_RESULT]):
             stage_name=stage_name,
         )
 
-    def _decode(self, position: int, obj_name: str, data: bytes) -> BaseStageState[Any]:
-        templates = self.task_state.stage_templates
-        return decode_state(
-            templates[position],
-            data,
-            obj_name=obj_name,
-            task_id=self.task_id,
-            position=position,
-            stage_count=len(templates),
-        )
-
-    def _read_persisted(self, versioned: bool = False) -> list[BaseStageState[Any] | None]:
-        """Read and validate every stage object of the task; None where there is none.
-
-        With ``versioned``, also record each object's version (for fenced writes).
-        """
-        prefix = task_prefix(self.task_id)
-        names = [
-            stage_obj_name(self.task_id, t.stage_name) for t in self.task_state.stage_templates
-        ]
-        listed = self._call("list", prefix, self.io.list, prefix)
-        expected = set(names)
-        strangers = [n for n in listed if n.endswith(STAGE_SUFFIX) and n not in expected]
-        if strangers:
-            raise StateMismatchError(
-                f"task {self.task_id!r} has stage objects that match none of the templates: "
-                f"{', '.join(repr(n) for n in strangers[:5])}; run it with the stages it was "
-                "created with, or use a new task id",
-                task_id=self.task_id,
-                obj_name=strangers[0],
-            )
-        present = set(listed)
-        wanted = [n for n in names if n in present]
-        if versioned:
-            found_versions = (
-                self._call("read", prefix, self.io.read_many_versioned, wanted) if wanted else {}
-            )
-            self._versions = {n: v for n, (_, v) in found_versions.items()}
-            found = {n: d for n, (d, _) in found_versions.items()}
-        else:
-            found = self._call("read", prefix, self.io.read_many, wanted) if wanted else {}
-        return [
-            self._decode(i, name, found[name]) if name in found else None
-            for i, name in enumerate(names)
-        ]
-
     def _view(self) -> list[STAGE]:
         """The stages to report on: bound ones, or copies loaded from storage."""
         if self._bound:
             return self._stages
         stages = self._fresh_stages()
-        for stage, state in zip(stages, self._read_persisted(), strict=True):
+        for stage, state in zip(stages, self._objects.read_all(), strict=True):
             if state is not None:
                 stage.state = state
         return stages
@@ -517,21 +404,19 @@ class CheckMateEngine(Generic[STAGE, STAGE_RESULT]):
         stages = self._fresh_stages()
         try:
             self._lock = lock
-            self._versions = {}
+            self._objects.attach(lock)
             if lock is not None:
                 prefix = task_prefix(self.task_id)
                 self._call("sweep", prefix, self.io.sweep, prefix)
             states = self._states_for_bind()
             self._check_statuses([_S.CREATED if st is None else st.status for st in states])
-            epoch = lock.epoch if lock is not None else None
-            count = len(stages)
-            self._prefixes = [meta_prefix(s, i, count, epoch) for i, s in enumerate(stages)]
             self._stages = stages
             for stage, state in zip(stages, states, strict=True):
                 stage._attach(self, state)
             self._bound = True
             if lock is not None and lock.needs_seal:
-                self._seal()
+                self._objects.seal(self._stages)
+                self._aggregate(self._stages)
             now = time.time()
             for stage, state in zip(stages, states, strict=True):
                 if state is None:
@@ -560,58 +445,21 @@ class CheckMateEngine(Generic[STAGE, STAGE_RESULT]):
         self._positions = {}
         self._bound = False
         self._lock = None
-        self._versions = {}
+        self._objects.detach()
         self._keep_state = False
         self._cancel_seen = False
 
-    def _seal(self) -> None:
-        """Rewrite every stage object under the new epoch, in stage order.
-
-        The lease was taken over from a holder that may still be alive, paused
-        in the middle of a write. Its writes are compare-and-swaps on versions
-        it saw; rewriting each object changes that version, so any write it
-        still sends is refused. A write of its that lands before the seal is
-        read back, validated and sealed in turn.
-        """
-        for position, stage in enumerate(self._stages):
-            name = stage_obj_name(self.task_id, stage.stage_name)
-            for _ in range(_MAX_SEAL_TRIES):
-                if name not in self._versions:
-                    break
-                data = encode_stage(stage, self._prefixes[position], self.task_id)
-                try:
-                    self._versions[name] = self._call(
-                        "seal", name, self.io.write_if, name, data, self._versions[name]
-                    )
-                    break
-                except VersionConflict:
-                    fresh, version = self._call("read", name, self.io.read_versioned, name)
-                    stage.state = self._decode(position, name, fresh)
-                    self._versions[name] = version
-            else:
-                raise TaskStateError(
-                    f"task {self.task_id!r}: stage object {name!r} keeps changing while this "
-                    "worker takes the task over; another worker is still writing it",
-                    task_id=self.task_id,
-                    obj_name=name,
-                )
-        self._aggregate(self._stages)
-        logger.warning("task %s: sealed the stage objects of the previous holder", self.task_id)
-
     def _states_for_bind(self) -> list[BaseStageState[Any] | None]:
         if not self.force_create:
-            return self._read_persisted(versioned=self._fenced)
-        prefix = task_prefix(self.task_id)
-        lock_name = self.lock_obj_name
-        listed = self._call("list", prefix, self.io.list, prefix)
-        existing = [n for n in listed if not n.startswith(lock_name)]
-        if existing:
+            return self._objects.read_all(versioned=self._objects.fenced)
+        existing = self._objects.existing_for_force_create()
+        if existing is not None:
             raise StateMismatchError(
                 f"force_create is set but task {self.task_id!r} already has state "
-                f"({existing[0]!r}); nothing was changed. Use a new task id, or drop "
+                f"({existing!r}); nothing was changed. Use a new task id, or drop "
                 "force_create to resume the task",
                 task_id=self.task_id,
-                obj_name=existing[0],
+                obj_name=existing,
             )
         return [None] * len(self.task_state.stage_templates)
 
@@ -637,9 +485,9 @@ class CheckMateEngine(Generic[STAGE, STAGE_RESULT]):
             if clean:
                 if lock is not None:
                     lock.check()
-                self._delete_task_objects()
+                self._objects.delete_all(locked=lock is not None)
             else:
-                self._compact()
+                self._objects.compact()
         finally:
             for stage in self._stages:
                 stage._detach()
@@ -651,41 +499,6 @@ class CheckMateEngine(Generic[STAGE, STAGE_RESULT]):
             self.task_id,
             " and deleted its objects" if clean else "",
         )
-
-    def _compact(self) -> None:
-        """Let the store fold its journal into the task's objects (`TaskIO.sync`).
-
-        Every write is already durable, so a failure here only costs time on
-        the next bind: it is logged, not raised.
-        """
-        if self._lock is not None and self._lock.is_lease:
-            try:
-                self._lock.check()
-            except LeaseLostError:
-                return
-        prefix = task_prefix(self.task_id)
-        try:
-            self._call("sync", prefix, self.io.sync, prefix)
-        except (TaskEngineException, OSError) as exc:
-            logger.warning("could not compact the objects of task %s: %r", self.task_id, exc)
-
-    def _delete_task_objects(self) -> None:
-        """Delete the stage objects, the cancellation request and takeover markers.
-
-        The lock object itself goes last, when the lock is released.
-        """
-        names = [
-            stage_obj_name(self.task_id, t.stage_name) for t in self.task_state.stage_templates
-        ]
-        for name in [*names, cancel_obj_name(self.task_id)]:
-            self._call("delete", name, self.io.delete, name)
-        if self.no_lock:
-            return
-        lock_name = self.lock_obj_name
-        prefix = task_prefix(self.task_id)
-        for name in self._call("list", prefix, self.io.list, prefix):
-            if name.startswith(lock_name) and name != lock_name:
-                self._call("delete", name, self.io.delete, name)
 
     # ------------------------------------------------------------------ execution
 
@@ -981,15 +794,15 @@ class CheckMateEngine(Generic[STAGE, STAGE_RESULT]):
         if source == "memory":
             states: list[BaseStageState[Any] | None] = [s.state for s in self._stages]
         elif source == "persistence":
-            states = self._read_persisted()
+            states = self._objects.read_all()
         else:
             raise TaskEngineException(
                 f"unknown dump source {source!r}; use 'memory' or 'persistence'",
                 task_id=self.task_id,
             )
         views = []
-        for template, state in zip(self.task_state.stage_templates, states, strict=True):
-            name = stage_obj_name(self.task_id, template.stage_name)
+        templates = self.task_state.stage_templates
+        for template, name, state in zip(templates, self._objects.names, states, strict=True):
             location = name.rpartition("/")[2] if basenames_only else self.io.url(name)
             views.append(
                 StageView(

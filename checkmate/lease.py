@@ -46,6 +46,7 @@ logger = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
 
+_ONE_TRY = StorageRetry(attempts=1)
 _TRUSTED: dict[str, bool] = {}
 _TRUSTED_LOCK = threading.Lock()
 
@@ -244,16 +245,28 @@ class Lease:
 
     def renew(self) -> bool:
         """Renew once; return False if the lease is lost (taken over or past its deadline)."""
+        started = time.monotonic()
         with self._state_lock:
-            owner, version, lost = self.owner, self._version, self._lost
+            owner, version = self.owner, self._version
+            if not self._lost and started > self._deadline:
+                self._lost = True  # past the local deadline: never come back to life
+                logger.error("lease %s passed its local deadline", self.obj_name)
+            lost = self._lost
         if owner is None or lost:
             return False
-        started = time.monotonic()
         mine = owner.renewed(self.clock())
         new_version: str | None
         try:
-            new_version = self._io(
-                self.io.write_if, self.obj_name, mine.model_dump_json().encode(), version
+            # One try: the heartbeat loop retries on its own schedule, and a retry
+            # must never be sent after the local deadline.
+            new_version = storage_call(
+                _ONE_TRY,
+                "renew lease",
+                self.obj_name,
+                self.io.write_if,
+                self.obj_name,
+                mine.model_dump_json().encode(),
+                version,
             )
         except VersionConflict:
             new_version = self._mine_after_conflict(mine)

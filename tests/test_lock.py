@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import live_lock_objects, make_io, store_spec
+from conftest import EMULATED, live_lock_objects, make_io, store_spec
 from pipelines import Payload, expected_value, make_stages
 
 from checkmate import (
@@ -382,7 +382,11 @@ def test_unparsable_lock_counts_as_held(io: TaskIO, garbage: str, timeout: float
     assert snapshot(io) == before
 
 
-def test_lock_name_that_cannot_be_read_as_an_object_counts_as_held(io: TaskIO) -> None:
+def test_lock_name_that_cannot_be_read_as_an_object_counts_as_held(
+    io: TaskIO, backend: str
+) -> None:
+    if backend in EMULATED or backend == "memory":
+        pytest.skip("object stores have no folders: an object and a key below it coexist")
     engine = engine_for(io, bind_lock_timeout=0.05)
     io.write(f"{engine.lock_obj_name}/inside", b"the lock's name is taken by a folder")
     before = snapshot(io)
