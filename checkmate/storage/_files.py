@@ -259,7 +259,8 @@ def sweep_temp_files(root: Path, prefix: str) -> int:
     for dirpath, _dirnames, filenames in os.walk(start):
         for filename in filenames:
             path = Path(dirpath) / filename
-            if is_temp_name(filename) and _temp_is_stale(path, now):
+            is_temp = TEMP_MARKER in filename and filename.startswith(".")
+            if is_temp and _temp_is_stale(path, now):
                 path.unlink(missing_ok=True)
                 removed += 1
                 logger.info("removed stale temp file %s", path)

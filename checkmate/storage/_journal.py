@@ -61,6 +61,15 @@ def _record(op: int, name: str, data: bytes) -> bytes:
 
 def parse_journal(blob: bytes) -> dict[str, bytes | None]:
     """Return the last record of each name (None: deleted); stop at a torn record."""
+    return _scan(blob)[0]
+
+
+def _valid_length(blob: bytes) -> int:
+    """How many leading bytes of a journal hold whole, valid records."""
+    return _scan(blob)[1]
+
+
+def _scan(blob: bytes) -> tuple[dict[str, bytes | None], int]:
     last: dict[str, bytes | None] = {}
     offset = 0
     while offset + _HEADER.size <= len(blob):
@@ -75,7 +84,7 @@ def parse_journal(blob: bytes) -> dict[str, bytes | None]:
             break
         last[raw_name.decode()] = data if op == _WRITE else None
         offset = end
-    return last
+    return last, offset
 
 
 class _Any:
@@ -168,10 +177,18 @@ class JournaledDirectories:
             return state.journal_fd
         self._close_journal(state)
         state.named.clear()  # whoever retired the journal made those files durable
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
         info = os.fstat(fd)
         if ino != info.st_ino:
             _files.fsync_dir(directory)  # the new journal's name must survive a crash
+        elif info.st_size:
+            # A writer that died in the middle of an append may have left a torn
+            # record: cut it off, or every record after it would be unreadable.
+            valid = _valid_length(path.read_bytes())
+            if valid < info.st_size:
+                os.ftruncate(fd, valid)
+                os.fsync(fd)
+                info = os.fstat(fd)
         state.journal_fd, state.journal_ino, state.journal_size = fd, info.st_ino, info.st_size
         return fd
 
@@ -183,6 +200,17 @@ class JournaledDirectories:
 
     def _append(self, directory: Path, state: _Dir, op: int, name: str, data: bytes) -> None:
         fd = self._journal(directory, state)
+        size = os.fstat(fd).st_size
+        if size != state.journal_size:
+            # Other processes appended since our last record. A writer that died in
+            # the middle of an append leaves a torn record: cut it off first, or
+            # every record after it would be unreadable.
+            tail = os.pread(fd, size - state.journal_size, state.journal_size)
+            valid = state.journal_size + _valid_length(tail)
+            if valid < size:
+                os.ftruncate(fd, valid)
+                os.fsync(fd)
+            state.journal_size = valid
         record = _record(op, name, data)
         view = memoryview(record)
         while view:
