@@ -2,9 +2,11 @@
 
 Write a pipeline as `BaseStage` subclasses with typed Pydantic states, run it
 with `CheckMateEngine`, and resume it after a crash by running the same task id
-again. Every status change is persisted through a `TaskIO`.
+again. Every status change is persisted through a `TaskIO`. Run many tasks at
+once, on any executor, with `run_tasks`.
 """
 
+from .batch import BatchSummary, EngineFactory, TaskOutcome, TaskResult, run_tasks
 from .cancellation import cancel_requested, request_cancel, withdraw_cancel
 from .engine import STAGE, CheckMateEngine, TaskEngineState
 from .errors import (
@@ -46,12 +48,14 @@ __all__ = [
     "ACTIVE_STATES",
     "BaseStage",
     "BaseStageState",
+    "BatchSummary",
     "BindException",
     "BindLock",
     "CANCELABLE_STATES",
     "CheckMateEngine",
     "ConfigurationError",
     "CorruptStateError",
+    "EngineFactory",
     "FsspecTaskIO",
     "INACTIVE_STATES",
     "InterruptedStageError",
@@ -76,10 +80,13 @@ __all__ = [
     "TaskEngineException",
     "TaskEngineState",
     "TaskIO",
+    "TaskOutcome",
+    "TaskResult",
     "TaskStateError",
     "VersionConflict",
     "cancel_requested",
     "request_cancel",
+    "run_tasks",
     "withdraw_cancel",
     "__version__",
 ]

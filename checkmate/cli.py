@@ -1,30 +1,38 @@
-"""The ``checkmate`` command: inspect, cancel, unlock and clean tasks in any store.
+"""The ``checkmate`` command: inspect, cancel, unlock and clean tasks in any store; run batches.
 
-Run ``checkmate --help`` (or ``python -m checkmate --help``). The tool reads
-tasks generically (see `checkmate.catalog`) and never imports the user's code.
+Run ``checkmate --help`` (or ``python -m checkmate --help``). The inspection
+commands read tasks generically (see `checkmate.catalog`) and never import the
+user's code; ``checkmate run MODULE:FACTORY`` imports the user's factory and
+runs a list of tasks with `checkmate.run_tasks`.
 
 Exit codes: 0 ok, 1 task or stage not found, 2 usage error, 3 refused (the
 task is locked or in a state that forbids the operation), 4 failure (storage
-error, unreadable object). Errors are one line on stderr.
+error, unreadable object). ``run`` exits 0 when every task is COMPLETE, 1
+otherwise, and 130 when interrupted. Errors are one line on stderr.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import json
 import logging
 import os
 import re
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Executor
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 from typing import Any, NoReturn, TextIO
 
 import colorama
 from colorama import Fore, Style
 
 from . import __version__
+from ._progress import ProgressDisplay, is_terminal
+from .batch import BatchInterrupted, BatchSummary, EngineFactory, run_tasks
 from .cancellation import request_cancel
 from .catalog import (
     LockInfo,
@@ -47,6 +55,8 @@ from .storage import LocalTaskIO, TaskIO
 
 __all__ = [
     "EXIT_FAILED",
+    "EXIT_INCOMPLETE",
+    "EXIT_INTERRUPTED",
     "EXIT_NOT_FOUND",
     "EXIT_OK",
     "EXIT_REFUSED",
@@ -66,6 +76,10 @@ EXIT_REFUSED = 3
 """Refused: the task is locked, or its state forbids the operation."""
 EXIT_FAILED = 4
 """The store failed, or an object cannot be read."""
+EXIT_INCOMPLETE = 1
+"""``run``: not every task is COMPLETE."""
+EXIT_INTERRUPTED = 130
+"""Interrupted with Ctrl-C."""
 
 PROG = "checkmate"
 INVALID = "INVALID"
@@ -510,7 +524,123 @@ def _select(records: Sequence[TaskRecord], args: argparse.Namespace) -> list[str
     return selected
 
 
-_COMMANDS = {
+def _load_factory(spec: str) -> EngineFactory:
+    """Import ``MODULE:FACTORY`` (the current directory is searched first, as with -m)."""
+    module_name, sep, attr_path = spec.partition(":")
+    if not sep or not module_name or not attr_path:
+        raise _UsageError(f"invalid factory {spec!r}: use MODULE:FACTORY, such as jobs:build")
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)
+    try:
+        target: Any = importlib.import_module(module_name)
+    except Exception as exc:
+        raise _UsageError(
+            f"cannot import module {module_name!r}: {type(exc).__name__}: {exc}"
+        ) from exc
+    for attr in attr_path.split("."):
+        try:
+            target = getattr(target, attr)
+        except AttributeError:
+            raise _UsageError(f"module {module_name!r} has no {attr_path!r}") from None
+    if not callable(target):
+        raise _UsageError(
+            f"{spec} is a {type(target).__name__}, not a factory(task_id, io) -> CheckMateEngine"
+        )
+    factory: EngineFactory = target
+    return factory
+
+
+def _read_task_ids(source: str) -> list[str]:
+    """One task id per line; blank lines and ``#`` comments are skipped."""
+    if source == "-":
+        text = sys.stdin.read()
+    else:
+        try:
+            text = Path(source).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise _UsageError(f"cannot read the tasks file {source!r}: {exc}") from exc
+    ids = []
+    for line in text.splitlines():
+        task_id = line.split("#", 1)[0].strip()
+        if task_id:
+            ids.append(task_id)
+    return ids
+
+
+@contextlib.contextmanager
+def _dask_executor(address: str) -> Iterator[Executor]:
+    try:
+        # Imported by name: an optional extra, untyped for mypy either way.
+        distributed: Any = importlib.import_module("distributed")
+    except ImportError as exc:
+        raise _UsageError(
+            "--dask needs the distributed package: pip install 'checkmate-engine[dask]'"
+        ) from exc
+    client = distributed.Client(address, set_as_default=False)
+    try:
+        yield client.get_executor()
+    finally:
+        client.close()
+
+
+def _cmd_run(args: argparse.Namespace, out: _Output) -> int:
+    if args.dask is not None and args.workers is not None:
+        raise _UsageError("--workers and --dask exclude each other (the cluster has its workers)")
+    factory = _load_factory(args.factory)
+    task_ids = _read_task_ids(args.tasks)
+    io = open_store(args.store, dict(getattr(args, "storage_options", [])))
+    progress: ProgressDisplay | bool = False
+    if is_terminal(sys.stderr):
+        color = not getattr(args, "no_color", False) and not os.environ.get("NO_COLOR")
+        progress = ProgressDisplay(sys.stderr, color=color)
+    options: dict[str, Any] = {
+        "strict_recovery": args.strict_recovery,
+        "hold_timeout": args.hold_timeout,
+        "progress": progress,
+    }
+    interrupted = False
+    with contextlib.ExitStack() as stack:
+        if args.dask is not None:
+            options["executor"] = stack.enter_context(_dask_executor(args.dask))
+        else:
+            options["max_workers"] = args.workers
+        try:
+            summary = run_tasks(factory, task_ids, io, **options)
+        except BatchInterrupted as exc:
+            summary, interrupted = exc.summary, True
+    _print_summary(summary, out)
+    if interrupted:
+        left = len(summary.not_complete)
+        out.error(f"interrupted: {left} task(s) not COMPLETE; run the same command to resume")
+        return EXIT_INTERRUPTED
+    return EXIT_OK if summary.all_complete else EXIT_INCOMPLETE
+
+
+def _print_summary(summary: BatchSummary, out: _Output) -> None:
+    if out.as_json:
+        out.json(summary.to_dicts())
+        return
+    header = ["TASK", "STATUS", "OUTCOME", "ATTEMPTS", "TIME", "ERROR"]
+    rows = []
+    for result in summary:
+        error = " ".join((result.error or "-").split())
+        rows.append(
+            [
+                result.task_id,
+                result.status.value if result.status is not None else "-",
+                result.outcome.value,
+                str(result.attempts),
+                _format_duration(result.run_seconds),
+                error if len(error) <= 100 else error[:99] + "…",
+            ]
+        )
+    if rows:
+        _table(out, header, rows, status_col=1)
+    out.line(summary.describe())
+
+
+_COMMANDS: dict[str, Callable[[TaskIO, argparse.Namespace, _Output], int]] = {
     "ls": _cmd_ls,
     "show": _cmd_show,
     "history": _cmd_history,
@@ -589,9 +719,11 @@ def build_parser() -> argparse.ArgumentParser:
     """Return the ``checkmate`` argument parser."""
     parser = _Parser(
         prog=PROG,
-        description="Inspect and operate checkmate tasks in any store, without their code.",
+        description="Inspect and operate checkmate tasks in any store, without their code; "
+        "run batches of tasks (checkmate run).",
         epilog="STORE is a local directory or an fsspec URL (file://, memory://, s3://, ...). "
-        "Exit codes: 0 ok, 1 not found, 2 usage error, 3 refused, 4 storage failure.",
+        "Exit codes: 0 ok, 1 not found, 2 usage error, 3 refused, 4 storage failure "
+        "('run': 0 when every task is COMPLETE, 1 otherwise).",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     _common_options(parser)
@@ -641,7 +773,74 @@ def build_parser() -> argparse.ArgumentParser:
         help="select the tasks last updated longer ago than AGE (7d, 12h, 30m, 2w)",
     )
     clean.add_argument("--dry-run", action="store_true", help="only say what would be deleted")
+    _run_parser(commands)
     return parser
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"invalid count {text!r}: use a whole number >= 1")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"invalid duration {text!r}: use seconds >= 0")
+    return value
+
+
+def _run_parser(commands: Any) -> None:
+    text = (
+        "run a list of tasks through the engines a factory builds, on a process pool or a "
+        "Dask cluster (exit 0 when every task is COMPLETE, 1 otherwise)"
+    )
+    run = commands.add_parser("run", help=text, description=text)
+    run.add_argument(
+        "factory",
+        metavar="MODULE:FACTORY",
+        help="factory(task_id, io) -> CheckMateEngine, importable from the current directory",
+    )
+    run.add_argument(
+        "--store", required=True, metavar="URL", help="a local directory or an fsspec URL"
+    )
+    run.add_argument(
+        "--tasks",
+        required=True,
+        metavar="FILE",
+        help="a file with one task id per line ('-': standard input; '#' starts a comment)",
+    )
+    where = run.add_mutually_exclusive_group()
+    where.add_argument(
+        "--workers",
+        type=_positive_int,
+        metavar="N",
+        help="size of the local process pool (default: the number of CPUs)",
+    )
+    where.add_argument(
+        "--dask",
+        metavar="SCHEDULER_ADDRESS",
+        help="run on a Dask cluster (tcp://host:8786); needs checkmate-engine[dask]",
+    )
+    run.add_argument(
+        "--strict-recovery",
+        action="store_true",
+        help="roll back and retry a stage left RUNNING by a crash (needs attempts to spare)",
+    )
+    run.add_argument(
+        "--hold-timeout",
+        type=_seconds,
+        metavar="SECONDS",
+        help="give up on a task that other workers hold this long (default: wait)",
+    )
+    _common_options(run)
 
 
 # ---------------------------------------------------------------------- main
@@ -684,6 +883,8 @@ def _open(args: argparse.Namespace) -> TaskIO:
 
 def _run(args: argparse.Namespace, out: _Output) -> int:
     try:
+        if args.command == "run":
+            return _cmd_run(args, out)
         return _COMMANDS[args.command](_open(args), args, out)
     except _UsageError:
         raise

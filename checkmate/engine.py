@@ -584,9 +584,11 @@ class CheckMateEngine(Generic[STAGE, STAGE_RESULT]):
     def _failure(self, stage: BaseStage[Any], cause: BaseException | None) -> StageFailedError:
         history = stage.state.history
         detail = history[-1].message if history else "no message"
+        attempts = int(stage.state.attempts)
+        when = f"after {attempts} attempt(s)" if attempts else "before it could run"
         err = StageFailedError(
-            f"task {self.task_id!r} failed at stage {stage.stage_name!r} after "
-            f"{stage.state.attempts} attempt(s): {detail}. The task will not run again; "
+            f"task {self.task_id!r} failed at stage {stage.stage_name!r} {when}: "
+            f"{detail}. The task will not run again; "
             "fix the cause and start a new task id (or unbind(clean=True) and rerun)",
             task_id=self.task_id,
             stage_name=stage.stage_name,
@@ -602,7 +604,7 @@ class CheckMateEngine(Generic[STAGE, STAGE_RESULT]):
             logger.exception(
                 "rollback of stage %s of task %s failed", stage.stage_name, self.task_id
             )
-            stage._record(f"{reason}; rollback failed: {exc!r}", _S.ERROR, begin)
+            self._record_failure(stage, f"{reason}; rollback failed: {exc!r}", _S.ERROR, begin)
             raise self._failure(stage, exc) from exc
 
     def _recover_interrupted(self, stage: BaseStage[Any]) -> None:
@@ -688,10 +690,33 @@ class CheckMateEngine(Generic[STAGE, STAGE_RESULT]):
         reason = f"attempt {attempt} failed: {exc!r}"
         self._rollback(stage, begin, reason)
         if self._budget_left(stage):
-            stage._record(f"{reason}; will retry", _S.RETRY, begin)
+            self._record_failure(stage, f"{reason}; will retry", _S.RETRY, begin)
             return
-        stage._record(f"{reason}; no attempts left", _S.ERROR, begin)
+        self._record_failure(stage, f"{reason}; no attempts left", _S.ERROR, begin)
         raise self._failure(stage, exc) from exc
+
+    def _record_failure(
+        self, stage: BaseStage[Any], message: str, status: StageStatus, begin: float
+    ) -> None:
+        """Persist RETRY or ERROR after a failed run.
+
+        If the state the run (and its rollback) left cannot be saved as JSON,
+        the state persisted when the run started is restored instead, so the
+        failure is always recorded and the stage never stays RUNNING.
+        """
+        try:
+            stage._record(message, status, begin)
+        except StateSerializationError:
+            restored = self._objects.read_one(self._positions[id(stage)])
+            if restored is None:
+                raise
+            stage.state = restored
+            stage._record(
+                f"{message}; the state it left could not be saved, so the state from "
+                "the start of the attempt was kept",
+                status,
+                begin,
+            )
 
     def _interrupted(
         self, stage: BaseStage[Any], begin: float, attempt: int, exc: BaseException

@@ -55,15 +55,18 @@ def _store_key(io: TaskIO) -> str:
     return f"{type(io).__qualname__}:{io.url('x')}"
 
 
-def self_test(io: TaskIO, scratch_name: str) -> None:
+def self_test(io: TaskIO, scratch_name: str, retry: StorageRetry | None = None) -> None:
     """Check once per store that conditional writes are enforced; refuse the store if not.
 
     Creates, conditionally rewrites and deletes a scratch object. A store that
     accepts a second create, or a write on a stale version, silently ignores
     preconditions (some S3-compatible servers do) and cannot hold a lease.
+    Transient storage errors are retried; a retried write whose first try had
+    landed is recognised by reading back its unique bytes.
 
     Raises:
         LockUnsupportedError: The store does not enforce preconditions.
+        StorageError: The store kept failing.
     """
     if not io.needs_self_test:
         return
@@ -71,26 +74,42 @@ def self_test(io: TaskIO, scratch_name: str) -> None:
     with _TRUSTED_LOCK:
         if _TRUSTED.get(key):
             return
+    policy = retry if retry is not None else StorageRetry()
     name = f"{scratch_name}.selftest-{uuid.uuid4().hex}"
+
+    def call(func: Callable[..., _T], *args: Any) -> _T:
+        return storage_call(policy, "self-test", name, func, *args)
+
+    def write(data: bytes, version: str | None) -> str:
+        try:
+            return call(io.write_if, name, data, version)
+        except VersionConflict:
+            current, current_version = call(io.read_versioned, name)
+            if current != data:  # not an earlier try of ours that landed
+                raise
+            return current_version
+
+    def refused(data: bytes, version: str | None) -> bool:
+        try:
+            call(io.write_if, name, data, version)
+        except VersionConflict:
+            return True
+        return False
+
+    marks = [f"checkmate self-test {i} {uuid.uuid4().hex}".encode() for i in range(4)]
     problem = None
     try:
-        first = io.write_if(name, b"checkmate self-test 1", None)
-        try:
-            io.write_if(name, b"checkmate self-test 2", None)
+        first = write(marks[0], None)
+        if not refused(marks[1], None):
             problem = "a second create-if-absent of the same object succeeded"
-        except VersionConflict:
-            pass
-        if problem is None:
-            io.write_if(name, b"checkmate self-test 3", first)
-            try:
-                io.write_if(name, b"checkmate self-test 4", first)
+        else:
+            write(marks[2], first)
+            if not refused(marks[3], first):
                 problem = "a compare-and-swap on a stale version succeeded"
-            except VersionConflict:
-                pass
-        if problem is None and io.read(name) != b"checkmate self-test 3":
-            problem = "the object does not hold what the last successful write wrote"
+            elif call(io.read, name) != marks[2]:
+                problem = "the object does not hold what the last successful write wrote"
     finally:
-        io.delete(name)
+        call(io.delete, name)
     if problem is not None:
         raise LockUnsupportedError(
             f"refusing to lease on {io!r}: {problem}, so the store ignores preconditions "
@@ -154,7 +173,7 @@ class Lease:
 
     def try_acquire(self) -> str | None:
         """Try once; return None on success, else why the lease is not ours."""
-        self_test(self.io, self.obj_name)
+        self_test(self.io, self.obj_name, self.retry)
         started = time.monotonic()
         now = self.clock()
         try:
