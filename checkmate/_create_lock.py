@@ -121,11 +121,10 @@ class CreateLock:
                 self._io(self.io.delete, self.obj_name)
             else:
                 logger.warning("lock %s is no longer ours; leaving it in place", self.obj_name)
-            if self._marker is not None:
-                # Every takeover marker, also those of takers that crashed: none
-                # names our token, so no takeover in flight can depend on them.
-                for name in self._io(self.io.list, self.obj_name + MARKER_INFIX):
-                    self._io(self.io.delete, name)
+            # Every takeover marker, also those of takers (or releasers) that
+            # crashed: none names our token, so no takeover in flight needs them.
+            for name in self._io(self.io.list, self.obj_name + MARKER_INFIX):
+                self._io(self.io.delete, name)
         finally:
             self.owner = None
             self._marker = None

@@ -16,10 +16,11 @@ the template's own state model (no pickle, no class looked up by name).
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from pydantic import ValidationError
-from pydantic_core import PydanticSerializationError
+from pydantic_core import PydanticSerializationError, from_json
 
 from .errors import CorruptStateError, StateMismatchError, StateSerializationError
 from .models import BaseStageState, StageStatus
@@ -93,7 +94,24 @@ def encode_stage(stage: BaseStage[Any], prefix: bytes, task_id: str) -> bytes:
             task_id=task_id,
             stage_name=stage.stage_name,
         ) from exc
-    return prefix + body[1:].encode()
+    data = prefix + body[1:].encode()
+    if _LONG_DIGITS.search(data) and _has_huge_int(data):
+        raise StateSerializationError(
+            f"stage {stage.stage_name!r} of task {task_id!r} cannot be saved: its state holds "
+            "an integer of more than 4300 digits, which JSON readers refuse; store it as a "
+            "string",
+            task_id=task_id,
+            stage_name=stage.stage_name,
+        )
+    return data
+
+
+def _has_huge_int(data: bytes) -> bool:
+    try:
+        json.loads(data)
+    except ValueError:
+        return True
+    return False
 
 
 def _corrupt(obj_name: str, task_id: str, stage_name: str, reason: str) -> CorruptStateError:
@@ -111,7 +129,11 @@ def check_history(state: BaseStageState[Any]) -> str | None:
     """Return what is wrong with a state's history (order, transitions, attempts), or None."""
     previous: StageStatus | None = None
     last_attempt = 0
+    if state.attempts > _MAX_ATTEMPTS:
+        return "it records an impossible number of attempts"
     for index, entry in enumerate(state.history):
+        if entry.attempt > _MAX_ATTEMPTS:
+            return f"history entry {index} records an impossible attempt number"
         if previous is not None and entry.begin_status is not previous:
             return f"history entry {index} begins at {entry.begin_status}, not {previous}"
         if not can_transition(entry.begin_status, entry.end_status):
@@ -121,10 +143,71 @@ def check_history(state: BaseStageState[Any]) -> str | None:
             return f"history entry {index} goes back to attempt {entry.attempt}"
         previous = entry.end_status
         last_attempt = entry.attempt
-    if previous is not None and previous is not state.status:
+    if not state.history:
+        return "it has no history (a persisted stage starts with UNBOUND -> CREATED)"
+    first = state.history[0]
+    if first.begin_status is not StageStatus.UNBOUND or first.attempt != 0:
+        return "its history does not start with the stage's creation (UNBOUND -> CREATED)"
+    if previous is not state.status:
         return f"the history ends at {previous} but the status is {state.status}"
-    if last_attempt > state.attempts + 1:
+    # attempts is the last recorded attempt, or one less after an interrupted run
+    # that was not counted (KeyboardInterrupt / SystemExit).
+    if state.attempts not in (last_attempt, last_attempt - 1):
         return f"the history records attempt {last_attempt} but attempts is {state.attempts}"
+    return None
+
+
+def parse_json(data: bytes) -> Any:
+    """Parse JSON as the engine writes it (NaN and Infinity allowed).
+
+    Raises:
+        ValueError: The bytes are not valid JSON (this includes integers of
+            more than 4300 digits, which the engine never writes).
+    """
+    return from_json(data, allow_inf_nan=True)
+
+
+_LONG_DIGITS = re.compile(rb"[0-9]{4301}")
+_MAX_ATTEMPTS = 10**9
+
+
+_META_TYPES: dict[str, type] = {
+    "format": int,
+    "stage_class": str,
+    "position": int,
+    "stage_count": int,
+    "epoch": int,
+}
+_REQUIRED_META = ("format", "stage_class", "position", "stage_count")
+
+
+def _check_meta(meta: dict[str, Any]) -> str | None:
+    unknown = sorted(set(meta) - set(_META_TYPES))
+    if unknown:
+        return f"unknown {META_KEY!r} member(s) {unknown}"
+    missing = [key for key in _REQUIRED_META if key not in meta]
+    if missing:
+        return f"{META_KEY!r} lacks {missing}"
+    for key, value in meta.items():
+        kind = _META_TYPES[key]
+        if type(value) is not kind:  # exact: true and 1.0 are not positions
+            return f"{META_KEY}.{key} is {value!r}, not of type {kind.__name__}"
+    return None
+
+
+def _check_stage_fields(template: BaseStage[Any], doc: dict[str, Any]) -> str | None:
+    """Validate the stage's own fields (everything but the state) with the stage model.
+
+    Members the stage class no longer has are ignored: a task may be resumed
+    by a newer version of its stages, and only the state is loaded anyway.
+    """
+    known = type(template).model_fields
+    fields = {key: value for key, value in doc.items() if key != META_KEY and key in known}
+    fields["state"] = template.state  # validated on its own, below
+    try:
+        type(template).model_validate(fields)
+    except (ValidationError, ValueError, TypeError) as exc:
+        return f"the stage's fields fail validation ({exc})"
     return None
 
 
@@ -147,7 +230,7 @@ def decode_state(
     """
     name = template.stage_name
     try:
-        doc = json.loads(data)
+        doc = parse_json(data)
     except (ValueError, RecursionError) as exc:
         raise _corrupt(obj_name, task_id, name, f"not valid JSON ({exc})") from exc
     if not isinstance(doc, dict):
@@ -155,6 +238,9 @@ def decode_state(
     meta = doc.get(META_KEY)
     if not isinstance(meta, dict):
         raise _corrupt(obj_name, task_id, name, f"no {META_KEY!r} member")
+    problem = _check_meta(meta) or _check_stage_fields(template, doc)
+    if problem is not None:
+        raise _corrupt(obj_name, task_id, name, problem)
     if meta.get("format") != FORMAT_VERSION:
         raise _corrupt(
             obj_name,

@@ -163,7 +163,7 @@ class CheckMateEngine(Generic[STAGE, STAGE_RESULT]):
         self.lock_skew = lock_skew
         self.task_state: TaskEngineState[STAGE] = TaskEngineState(
             stage_template_classes=[class_path(type(t)) for t in templates],
-            stage_templates=[_copy_model(t) for t in templates],
+            stage_templates=templates,
         )
         self._stage_list: list[STAGE] | None = None
         self._positions: dict[int, int] = {}
@@ -173,6 +173,7 @@ class CheckMateEngine(Generic[STAGE, STAGE_RESULT]):
         self._lock: BindLock | None = None
         self._bound = False
         self._keep_state = False
+        self._unsynced = False
         self.cancel_check_interval = cancel_check_interval
         self._cancel_seen = False
         self._cancel_checked_at: float | None = None
@@ -193,19 +194,25 @@ class CheckMateEngine(Generic[STAGE, STAGE_RESULT]):
                     f"{type(template).__name__}, not a BaseStage",
                     task_id=self.task_id,
                 )
-            name = template.stage_name
-            if not isinstance(template.state, BaseStageState):
+            name = getattr(template, "stage_name", None)
+            state = getattr(template, "state", None)
+            if not isinstance(name, str):
                 raise ConfigurationError(
-                    f"stage {name!r} has a state of type {type(template.state).__name__}, "
+                    f"stage template {index} of task {self.task_id!r} has no valid stage_name",
+                    task_id=self.task_id,
+                )
+            if not isinstance(state, BaseStageState):
+                raise ConfigurationError(
+                    f"stage {name!r} has a state of type {type(state).__name__}, "
                     "which is not a BaseStageState",
                     task_id=self.task_id,
                     stage_name=name,
                 )
             declared = type(template).model_fields["state"].annotation
-            if isinstance(declared, type) and not isinstance(template.state, declared):
+            if isinstance(declared, type) and not isinstance(state, declared):
                 raise ConfigurationError(
                     f"stage {name!r} declares a state of type {declared.__name__} but holds a "
-                    f"{type(template.state).__name__}",
+                    f"{type(state).__name__}",
                     task_id=self.task_id,
                     stage_name=name,
                 )
@@ -225,7 +232,19 @@ class CheckMateEngine(Generic[STAGE, STAGE_RESULT]):
                 )
             seen_ids.add(id(template))
             seen_names.add(name)
-        return templates
+        checked = []
+        for index, template in enumerate(templates):
+            # Re-validate: a template built with model_construct skipped every check.
+            try:
+                checked.append(type(template).model_validate(template.model_dump(round_trip=True)))
+            except Exception as exc:  # any way the template fails to round-trip
+                raise ConfigurationError(
+                    f"stage template {index} ({template.stage_name!r}) of task {self.task_id!r} "
+                    f"is invalid: {exc}",
+                    task_id=self.task_id,
+                    stage_name=template.stage_name,
+                ) from exc
+        return checked
 
     def _fresh_stages(self) -> list[STAGE]:
         return [_copy_model(t) for t in self.task_state.stage_templates]
@@ -336,8 +355,25 @@ class CheckMateEngine(Generic[STAGE, STAGE_RESULT]):
         return self._objects.call(action, obj_name, func, *args)
 
     def _persist_stage(self, stage: BaseStage[Any], create: bool = False) -> None:
-        """Write a stage's object (fenced under a lease); called by `BaseStage.update_status`."""
-        self._objects.write(self._positions[id(stage)], stage, create)
+        """Write a stage's object (fenced under a lease); called by `BaseStage.update_status`.
+
+        A write that fails may still have landed (the reply was lost): the next
+        `execute` re-reads the task before it goes on.
+        """
+        try:
+            self._objects.write(self._positions[id(stage)], stage, create)
+        except BaseException:
+            self._unsynced = True
+            raise
+
+    def _resync(self) -> None:
+        """Reload every stage's state from storage after a status write failed."""
+        states = self._objects.read_all(versioned=self._objects.fenced)
+        for stage, state in zip(self._stages, states, strict=True):
+            if state is not None:
+                stage.state = state
+        self._unsynced = False
+        logger.info("task %s: reloaded its state after a failed write", self.task_id)
 
     def _load_stage_state(self, stage: BaseStage[Any]) -> BaseStageState[Any] | None:
         return self._objects.read_one(self._template_position(stage.stage_name))
@@ -446,6 +482,7 @@ class CheckMateEngine(Generic[STAGE, STAGE_RESULT]):
         self._bound = False
         self._lock = None
         self._objects.detach()
+        self._unsynced = False
         self._keep_state = False
         self._cancel_seen = False
 
@@ -526,6 +563,8 @@ class CheckMateEngine(Generic[STAGE, STAGE_RESULT]):
         return self._execute(strict_recovery)
 
     def _execute(self, strict_recovery: bool) -> StageStatus:
+        if self._unsynced:
+            self._resync()
         status = self._aggregate(self._stages)
         if status in (_S.COMPLETE, _S.CANCELED):
             return status

@@ -135,7 +135,12 @@ class BaseStageState(BaseModel, Generic[STAGE_RESULT]):
         ```
     """
 
-    model_config = ConfigDict(extra="forbid", strict=False, arbitrary_types_allowed=False)
+    model_config = ConfigDict(
+        extra="forbid",
+        strict=False,
+        arbitrary_types_allowed=False,
+        ser_json_inf_nan="constants",  # NaN and Infinity survive a round trip
+    )
 
     task_id: str = Field(default="", title="Task ID")
     """The task this state belongs to (set at bind)."""

@@ -48,7 +48,7 @@ class BaseStage(BaseModel, ABC, Generic[STAGE_STATE]):
         ```
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", ser_json_inf_nan="constants")
 
     stage_name: str = Field(..., min_length=1, max_length=STAGE_NAME_MAX_LENGTH, title="Stage Name")
     """Unique name of the stage within its task; it names the stage's object."""

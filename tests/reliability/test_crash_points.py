@@ -262,12 +262,6 @@ def scripted_run(store: Store, log: str, rule: Any) -> dict[str, Any]:
         pytest.param(
             crash_on("delete", ""),
             id="died-between-deleting-the-lock-and-its-markers",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="engine bug: a crash between the release's delete of the lock object "
-                "and of the takeover markers leaves the markers forever: the next run takes "
-                "the lock by a plain create and never deletes them",
-            ),
         ),
     ],
 )

@@ -387,12 +387,6 @@ def test_lost_reply_of_a_complete_write_keeps_the_stage_complete(
         pytest.param(
             "local-createlock",
             id="lock-object",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="engine bug: without fenced writes, after a StorageError the bound "
-                "engine continues from its in-memory state and overwrites a COMPLETE that "
-                "did reach storage (the stage runs again)",
-            ),
         ),
     ],
 )
