@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -69,7 +70,8 @@ class ProgressDisplay:
 
     Args:
         stream: Where to write.
-        color: Colour the counts; None: only when ``stream`` is a terminal.
+        color: Colour the counts; None: only when ``stream`` is a terminal and
+            the ``NO_COLOR`` environment variable is not set.
         interval: Seconds between two redraws; None: 0.1 s on a terminal,
             10 s elsewhere (where each redraw is a new line).
         clock: The monotonic clock (for tests).
@@ -85,7 +87,7 @@ class ProgressDisplay:
     ) -> None:
         self.stream = stream
         self.tty = is_terminal(stream)
-        self.color = self.tty if color is None else color
+        self.color = (self.tty and not os.environ.get("NO_COLOR")) if color is None else color
         self.interval = interval if interval is not None else (0.1 if self.tty else 10.0)
         self._clock = clock
         self._started = clock()

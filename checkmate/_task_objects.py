@@ -236,14 +236,10 @@ class TaskObjects:
     def compact(self) -> None:
         """Let the store fold its journal into the task's objects (`TaskIO.sync`).
 
-        Every write is already durable, so a failure here only costs time on
-        the next bind: it is logged, not raised.
+        Called after the lock is released (it writes no object). Every write is
+        already durable, so a failure here only costs time on the next bind:
+        it is logged, not raised.
         """
-        if self.lock is not None and self.lock.is_lease:
-            try:
-                self.lock.check()
-            except LeaseLostError:
-                return
         try:
             self.call("sync", self.prefix, self.io.sync, self.prefix)
         except (TaskEngineException, OSError) as exc:

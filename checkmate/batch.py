@@ -23,15 +23,17 @@ runs, workers and machines on one store:
   another worker) is tried again, at most ``max_lost_runs`` times.
 
 Ctrl-C (`KeyboardInterrupt`) stops submitting, cancels what has not started,
-asks running tasks of the runner's own process pool to stop (the engine
-records an interrupted stage as RETRY, not counting the attempt, and releases
-the lock), waits up to ``interrupt_grace`` seconds for them, and raises
+and stops the running tasks of the runner's own process pool inside their
+stage's code, never in the middle of the engine's writes (the engine records
+the interrupted attempt as RETRY, not counting it, and releases the lock). The
+runner waits up to ``interrupt_grace`` seconds for them, then **raises**
 `BatchInterrupted` (a `KeyboardInterrupt`) carrying the partial `BatchSummary`.
 Nothing is lost: running the same batch again resumes every task.
 """
 
 from __future__ import annotations
 
+import _thread
 import contextlib
 import heapq
 import logging
@@ -43,6 +45,7 @@ import random
 import signal
 import socket
 import sys
+import threading
 import time
 import uuid
 from collections import deque
@@ -79,6 +82,7 @@ __all__ = [
     "BatchInterrupted",
     "BatchSummary",
     "EngineFactory",
+    "ProgressDisplay",
     "TaskOutcome",
     "TaskResult",
     "default_worker_count",
@@ -100,6 +104,7 @@ _DEFAULT_RETRY_DELAY = 0.5
 _DEFAULT_MAX_RETRY_DELAY = 60.0
 _PROGRESS_INTERVAL = 0.25
 _DASK_CAPACITY_REFRESH = 2.0
+_REINTERRUPT_INTERVAL = 0.5
 _WORKER_REFUSE_WINDOW = 10.0
 """Seconds after a Ctrl-C during which a worker of the runner's own pool refuses new tasks."""
 
@@ -289,24 +294,83 @@ class _WorkerState:
 
     own_pool: bool = False
     running: bool = False
+    fired: bool = False
+    nudging: bool = False
     interrupted_at: float | None = None
 
 
 _WORKER = _WorkerState()
+_ENGINE_MODULE = CheckMateEngine.__module__
+_NUDGE_INTERVAL = 0.02
+
+
+def _in_stage(frame: FrameType | None) -> bool:
+    """Tell whether the main thread is inside a stage's ``execute_stage`` (not the engine's code).
+
+    Looks for the engine's ``_run_stage`` frame and checks what it called.
+    """
+    child = None
+    while frame is not None:
+        if frame.f_code.co_name == "_run_stage" and frame.f_globals.get("__name__") == (
+            _ENGINE_MODULE
+        ):
+            return child is not None and child.f_code.co_name == "execute_stage"
+        child, frame = frame, frame.f_back
+    return False
+
+
+def _nudge() -> None:
+    """While an interrupt waits for a stage to start, re-deliver it every few milliseconds."""
+    while _WORKER.running and not _WORKER.fired:
+        time.sleep(_NUDGE_INTERVAL)
+        if _WORKER.running and not _WORKER.fired:
+            _thread.interrupt_main()
+    _WORKER.nudging = False
 
 
 def _worker_sigint(signum: int, frame: FrameType | None) -> None:
-    """SIGINT in a worker of the runner's own pool: interrupt the running task, once.
+    """SIGINT in a worker of the runner's own pool: stop the running task at a safe point.
 
-    An idle worker stays quiet (no traceback, no broken pool), and a second
-    SIGINT cannot interrupt the engine while it records the first one.
+    The interrupt is raised only inside a stage's ``execute_stage``, where the
+    engine records it (RETRY, the attempt not counted) and releases the lock;
+    while the engine itself is reading or writing, it is held back and
+    re-delivered until a stage runs (or the task ends on its own). It fires
+    once: later signals cannot interrupt the engine while it records the
+    first. An idle worker stays quiet (no traceback, no broken pool).
     """
-    del signum, frame
-    if _WORKER.interrupted_at is not None:
+    del signum
+    if _WORKER.interrupted_at is None:
+        _WORKER.interrupted_at = time.monotonic()
+    if _WORKER.fired or not _WORKER.running:
         return
-    _WORKER.interrupted_at = time.monotonic()
-    if _WORKER.running:
+    if _in_stage(frame):
+        _WORKER.fired = True
         raise KeyboardInterrupt
+    if not _WORKER.nudging:
+        _WORKER.nudging = True
+        threading.Thread(target=_nudge, name="checkmate-batch-interrupt", daemon=True).start()
+
+
+@contextlib.contextmanager
+def _sigint_ignored() -> Iterator[None]:
+    """Ignore SIGINT in this process while the pool starts a worker process.
+
+    A started process inherits an ignored SIGINT (a Python handler it would
+    not), so a Ctrl-C that reaches a worker while it starts up is dropped
+    instead of killing it with a traceback; its initializer then installs
+    `_worker_sigint`. The window is the few milliseconds a process start
+    takes. Only the main thread may change signal handlers: elsewhere this
+    does nothing.
+    """
+    try:
+        old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
 
 
 def _init_worker(log_queue: Any, root_level: int, checkmate_level: int) -> None:
@@ -327,12 +391,14 @@ def _worker_name() -> str:
 
 
 def _refusing() -> bool:
+    """After a Ctrl-C, a worker refuses new tasks for a while (the batch is stopping)."""
     at = _WORKER.interrupted_at
     if at is None:
         return False
     if time.monotonic() - at < _WORKER_REFUSE_WINDOW:
         return True
     _WORKER.interrupted_at = None
+    _WORKER.fired = False
     return False
 
 
@@ -472,7 +538,19 @@ class _OwnPool:
         self._listener = logging.handlers.QueueListener(self._log_queue, _Relay())
         self._listener.start()
         self.generation = 0
+        self.starting = workers
         self.executor = self._new_executor()
+
+    def submit_guard(self) -> contextlib.AbstractContextManager[None]:
+        """What to hold around a submit: SIGINT ignored while the pool may start a worker.
+
+        A pool starts one worker per submit until it has all of them, so the
+        first ``workers`` submits of each pool are the ones that start processes.
+        """
+        if self.starting <= 0:
+            return contextlib.nullcontext()
+        self.starting -= 1
+        return _sigint_ignored()
 
     def _new_executor(self) -> ProcessPoolExecutor:
         return ProcessPoolExecutor(
@@ -491,6 +569,7 @@ class _OwnPool:
         with contextlib.suppress(Exception):
             self.executor.shutdown(wait=False, cancel_futures=True)
         self.generation += 1
+        self.starting = self.workers
         self.executor = self._new_executor()
 
     def _processes(self) -> list[Any]:
@@ -518,6 +597,7 @@ class _OwnPool:
             self._listener.stop()
             with contextlib.suppress(Exception):
                 self._log_queue.close()
+                self._log_queue.join_thread()
 
 
 def _is_dask(executor: Executor) -> bool:
@@ -693,15 +773,20 @@ class _Batch:
         limit = self._limit()
         while self.ready and len(self.inflight) < limit and self.broken is None:
             task_id = self.ready.popleft()
+            guard = self.pool.submit_guard() if self.pool is not None else contextlib.nullcontext()
             try:
-                future = self._executor.submit(
-                    _run_task,
-                    self.factory,
-                    task_id,
-                    self.io,
-                    self.options.strict_recovery,
-                    uuid.uuid4().hex,
-                )
+                with guard:
+                    future = self._executor.submit(
+                        _run_task,
+                        self.factory,
+                        task_id,
+                        self.io,
+                        self.options.strict_recovery,
+                        uuid.uuid4().hex,
+                    )
+                    self.tracks[task_id].attempts += 1
+                    generation = self.pool.generation if self.pool is not None else 0
+                    self.inflight[future] = (task_id, generation)
             except (BrokenExecutor, RuntimeError) as exc:
                 self.ready.appendleft(task_id)
                 if self.pool is not None and isinstance(exc, BrokenExecutor):
@@ -709,9 +794,6 @@ class _Batch:
                     continue
                 self.broken = exc
                 return
-            self.tracks[task_id].attempts += 1
-            generation = self.pool.generation if self.pool is not None else 0
-            self.inflight[future] = (task_id, generation)
 
     # -------------------------------------------------------------- results
 
@@ -737,7 +819,8 @@ class _Batch:
             track.error_type = type(exc).__name__
             self._finish(track, TaskOutcome.ERROR)
         else:
-            track.absorb(report)
+            if report.kind != "not_started":
+                track.absorb(report)
             self._handle(track, report)
         del self.inflight[future]
 
@@ -866,14 +949,16 @@ class _Batch:
         self.stopping = True
         for future in list(self.inflight):
             future.cancel()
-        if self.pool is not None:
-            self.pool.interrupt()
         deadline = time.monotonic() + self.options.interrupt_grace
         try:
             while self.inflight:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
+                if self.pool is not None:
+                    # Again and again: a worker that was starting up missed the last one.
+                    self.pool.interrupt()
+                    left = min(left, _REINTERRUPT_INTERVAL)
                 done, _ = wait(list(self.inflight), timeout=left, return_when=FIRST_COMPLETED)
                 for future in done:
                     self._collect(future)
@@ -906,9 +991,13 @@ class _Batch:
         if self.display is not None:
             self.display.update(self.counts())
 
-    def _summary(self, interrupted: bool) -> BatchSummary:
+    def close_display(self) -> None:
+        """End the progress line (once)."""
         if self.display is not None:
             self.display.close(self.counts())
+
+    def _summary(self, interrupted: bool) -> BatchSummary:
+        self.close_display()
         results = {}
         for task_id in self.order:
             result = self.tracks[task_id].result
@@ -922,7 +1011,9 @@ class _Batch:
         )
 
 
-def _make_display(progress: bool | TextIO | None) -> ProgressDisplay | None:
+def _make_display(progress: bool | TextIO | ProgressDisplay | None) -> ProgressDisplay | None:
+    if isinstance(progress, ProgressDisplay):
+        return progress
     if progress is None:
         stream = sys.stderr
         return ProgressDisplay(stream) if stream is not None and is_terminal(stream) else None
@@ -959,7 +1050,7 @@ def run_tasks(
     hold_timeout: float | None = None,
     max_lost_runs: int = 3,
     interrupt_grace: float = 30.0,
-    progress: bool | TextIO | None = None,
+    progress: bool | TextIO | ProgressDisplay | None = None,
     on_result: Callable[[TaskResult], None] | None = None,
 ) -> BatchSummary:
     """Run every task id through its engine, on an executor, until each is finished.
@@ -997,9 +1088,10 @@ def run_tasks(
         interrupt_grace: After Ctrl-C, seconds to wait for running tasks to
             stop and report (a second Ctrl-C stops waiting).
         progress: A progress line: None shows it on stderr when stderr is a
-            terminal; False never; True on stderr; or a stream to write it to.
+            terminal; False never; True on stderr; a stream to write it to;
+            or a `ProgressDisplay` (to choose colours and redraw interval).
         on_result: Called in this thread with each task's final `TaskResult`
-            as soon as it is known.
+            as soon as it is known (an exception it raises stops the batch).
 
     Returns:
         A `BatchSummary` with a `TaskResult` for every task id, in order.
@@ -1069,5 +1161,6 @@ def run_tasks(
         finished = True
         return summary
     finally:
+        batch.close_display()
         if pool is not None:
             pool.close(wait_for_workers=finished)

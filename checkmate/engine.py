@@ -518,19 +518,20 @@ class CheckMateEngine(Generic[STAGE, STAGE_RESULT]):
         # worker that lost its lease deletes nothing.
         clean = clean or (self.auto_cleanup and not self._keep_state)
         lock = self._lock
+        compact = not clean and (lock is None or not lock.lost)
         try:
             if clean:
                 if lock is not None:
                     lock.check()
                 self._objects.delete_all(locked=lock is not None)
-            else:
-                self._objects.compact()
         finally:
             for stage in self._stages:
                 stage._detach()
             self._reset_unbound()
             if lock is not None:
                 lock.release(delete=clean)
+        if compact:  # after the release, so that the lock's last write is folded in too
+            self._objects.compact()
         logger.info(
             "unbound task %s%s",
             self.task_id,

@@ -232,13 +232,24 @@ class Lease:
         return None
 
     def _mine_after_conflict(self, mine: LeaseRecord) -> str | None:
-        """After a refused write: did an earlier try of ours land (the reply was lost)?"""
+        """After a refused write: is the stored lease still ours (a write whose reply was lost)?
+
+        Ours means the same acquisition (token) and epoch, still held: an earlier
+        try of this write, or an earlier renewal, landed. The stored record is
+        adopted, but the local deadline is not extended for it.
+        """
         try:
             data, version = self._io(self.io.read_versioned, self.obj_name)
             record = LeaseRecord.model_validate_json(data)
         except (FileNotFoundError, ValidationError):
             return None
-        return version if record.nonce == mine.nonce else None
+        if (record.token, record.epoch, record.state) != (mine.token, mine.epoch, "held"):
+            return None
+        if record.nonce != mine.nonce:
+            with self._state_lock:
+                self.owner = record
+                self._version = version
+        return version
 
     # -------------------------------------------------------------- holding
 
@@ -257,13 +268,18 @@ class Lease:
             obj_name=self.obj_name,
         )
 
+    @property
+    def lost(self) -> bool:
+        """True once the lease is known lost (taken over, or past its local deadline)."""
+        return self._lost or (self.owner is not None and time.monotonic() > self._deadline)
+
     def mark_lost(self) -> None:
         """Record that the lease is lost (a fenced write was refused)."""
         with self._state_lock:
             self._lost = True
 
     def renew(self) -> bool:
-        """Renew once; return False if the lease is lost (taken over or past its deadline)."""
+        """Renew once; True if renewed. Check `lost` to tell a failed try from a lost lease."""
         started = time.monotonic()
         with self._state_lock:
             owner, version = self.owner, self._version
@@ -293,12 +309,14 @@ class Lease:
                 logger.error("lease %s was taken over", self.obj_name)
                 self.mark_lost()
                 return False
+            if self.owner is not None and self.owner.nonce != mine.nonce:
+                return False  # an earlier renewal had landed: adopted; renew again soon
         except Exception as exc:  # storage trouble: keep trying until the deadline
             logger.warning("could not renew lease %s: %r", self.obj_name, exc)
             with self._state_lock:
                 if time.monotonic() > self._deadline:
                     self._lost = True
-                return not self._lost
+            return False  # not renewed: the heartbeat tries again soon
         with self._state_lock:
             if self._lost:
                 return False

@@ -182,6 +182,11 @@ class BindLock:
         """Raise `LeaseLostError` if this holder lost its lease (no-op for lock objects)."""
         self._impl.check()
 
+    @property
+    def lost(self) -> bool:
+        """True when this holder's lease was lost (never for lock objects)."""
+        return isinstance(self._impl, Lease) and self._impl.lost
+
     def mark_lost(self) -> None:
         """Record that the lease is lost (a fenced write was refused)."""
         if isinstance(self._impl, Lease):

@@ -51,6 +51,7 @@ _MAGIC = b"CMJ1"
 _HEADER = struct.Struct(">4sIIHB")  # magic, data length, crc32, name length, op
 _WRITE, _DELETE = 0, 1
 _CHECKPOINT_BYTES = 4 * 2**20
+_MAX_OPEN_DIRS = 64
 
 
 def _record(op: int, name: str, data: bytes) -> bytes:
@@ -122,8 +123,24 @@ class JournaledDirectories:
         with self._guard:
             state = self._dirs.get(directory)
             if state is None:
+                if len(self._dirs) >= _MAX_OPEN_DIRS:
+                    self._evict()
                 state = self._dirs[directory] = _Dir()
             return state
+
+    def _evict(self) -> None:
+        """Close the descriptors of idle directories (two per directory otherwise stay open)."""
+        for directory, state in list(self._dirs.items()):
+            if not state.mutex.acquire(blocking=False):
+                continue  # in use right now
+            try:
+                self._close_journal(state)
+                if state.dir_fd >= 0:
+                    os.close(state.dir_fd)
+                    state.dir_fd = -1
+                del self._dirs[directory]
+            finally:
+                state.mutex.release()
 
     @contextlib.contextmanager
     def _locked(self, directory: Path, create: bool) -> Iterator[_Dir]:
