@@ -1,0 +1,81 @@
+"""Small helpers shared by the benchmark modules: paths, statistics, temp dirs."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+BENCH_DIR = REPO / "benchmarks"
+PEERS_DIR = BENCH_DIR / "peers"
+
+now = time.perf_counter
+
+
+def shared_dir() -> Path:
+    """The shared peer harness: ``$PEER_BENCH_DIR``, else ``<repo>/../shared/peer-bench``."""
+    env = os.environ.get("PEER_BENCH_DIR")
+    return Path(env) if env else REPO.parent / "shared" / "peer-bench"
+
+
+def add_harness_paths() -> None:
+    """Make the shared harness modules (common, c_floor, ...) and c_checkmate importable."""
+    for path in (str(PEERS_DIR), str(shared_dir())):
+        if path not in sys.path:
+            sys.path.insert(0, path)
+
+
+def tmp_root() -> str:
+    """Where temp dirs go (``$PEERS_TMP`` like the shared harness, else /tmp)."""
+    return os.environ.get("PEERS_TMP", tempfile.gettempdir())
+
+
+@contextmanager
+def temp_dir(prefix: str) -> Iterator[str]:
+    path = tempfile.mkdtemp(prefix=prefix, dir=tmp_root())
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def med(xs: Sequence[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+def fmt_us(seconds: float) -> str:
+    """Seconds as microseconds with thousands separators."""
+    if seconds != seconds:  # nan
+        return "-"
+    us = seconds * 1e6
+    return f"{us:,.0f}" if us >= 100 else f"{us:.1f}"
+
+
+def fmt_ms(seconds: float) -> str:
+    if seconds != seconds:
+        return "-"
+    return f"{seconds * 1e3:,.1f}"
+
+
+def fmt_x(ratio: float) -> str:
+    if ratio != ratio:
+        return "-"
+    return f"{ratio:.2f}x" if ratio < 100 else f"{ratio:,.0f}x"
+
+
+def loadavg() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "n/a"
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
