@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import nox
 
 nox.options.sessions = ["tests", "lint", "typecheck", "docs"]
@@ -9,6 +11,8 @@ nox.options.reuse_existing_virtualenvs = True
 
 PACKAGE = "checkmate"
 TEST_COMMAND = ["python", "-m", "pytest"]
+# The shared peer benchmark sits beside the repository (``<repo>/../shared``).
+PEER_BENCH = Path(__file__).resolve().parent.parent / "shared" / "peer-bench"
 
 
 @nox.session
@@ -44,4 +48,32 @@ def docs(session: nox.Session) -> None:
         "--site-dir",
         session.create_tmp() + "/site",
         env={"NO_MKDOCS_2_WARNING": "1"},
+    )
+
+
+@nox.session
+def reliability(session: nox.Session) -> None:
+    """Run the reliability suite in full size and rewrite docs/reliability.md with its figures.
+
+    ``nox -s reliability -- --output /tmp/page.md`` writes elsewhere; any other
+    argument after ``--`` goes to pytest. Not run by default (it takes minutes).
+    """
+    session.install("-e", ".[test]")
+    session.run("python", "scripts/reliability_report.py", "--full", *session.posargs)
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """The performance suite (not part of the test run): prints the targets table and
+    writes docs/performance.md and docs/img/per-stage-cost.png.
+
+    ``nox -s bench -- --quick`` for a short run; other arguments go to benchmarks/bench.py.
+    """
+    requirements = PEER_BENCH / "requirements.txt"
+    if not requirements.is_file():
+        session.error(f"the shared peer benchmark is missing: {requirements} not found")
+    session.install("-r", str(requirements))
+    session.install("-e", ".", "moto[server]", "s3fs", "matplotlib")
+    session.run(
+        "python", "benchmarks/bench.py", *session.posargs, env={"PEER_BENCH_DIR": str(PEER_BENCH)}
     )

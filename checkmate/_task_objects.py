@@ -176,9 +176,13 @@ class TaskObjects:
     def _fenced_write(self, name: str, data: bytes, version: str | None) -> None:
         lock = self.lock
         assert lock is not None
-        lock.check()
+
+        def attempt() -> str:
+            lock.check()  # before every try: no retry goes out past the local deadline
+            return self.io.write_if(name, data, version)
+
         try:
-            self.versions[name] = self.call("write", name, self.io.write_if, name, data, version)
+            self.versions[name] = self.call("write", name, attempt)
         except VersionConflict as exc:
             if self._is_ours(name, data):  # an earlier, retried try of ours landed
                 self.versions[name] = self.call("read", name, self.io.read_versioned, name)[1]

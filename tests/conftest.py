@@ -1,4 +1,12 @@
-"""Shared fixtures: every behaviour test runs against each storage backend."""
+"""Shared fixtures: every behaviour test runs against each storage backend.
+
+The backends are local disk (`LocalTaskIO`), fsspec's ``memory://`` and
+``file://``, and three object-store emulators started for the session on
+127.0.0.1 (see tests/emulators.py): ``s3`` (moto), ``gcs`` (fake-gcs-server)
+and ``azure`` (Azurite). An emulator that is not installed makes its
+parameters skip, unless ``CHECKMATE_REQUIRE_EMULATORS=1``, which makes the
+session fail at once. ``-m "not emulator"`` leaves the emulators out.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +14,7 @@ import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import fsspec
 import pytest
@@ -16,34 +25,129 @@ TESTS_DIR = Path(__file__).resolve().parent
 if str(TESTS_DIR) not in sys.path:
     sys.path.insert(0, str(TESTS_DIR))
 
-BACKENDS = ["local", "memory", "file"]
-"""Backends every behaviour test runs on; 'local' and 'file' are shareable between processes."""
+import emulators  # noqa: E402 - lives in TESTS_DIR
+
+EMULATED = list(emulators.EMULATOR_KINDS)
+"""Backends served by an emulator process: 's3', 'gcs', 'azure'."""
+BACKENDS = ["local", "memory", "file", *EMULATED]
+"""Backends every behaviour test runs on; all but 'memory' are shareable between processes."""
+SHAREABLE = ["local", "file", *EMULATED]
+"""Backends whose state several processes can share (`store_spec` works for them)."""
+
+_EMULATED_ROOTS: dict[tuple[str, str], str] = {}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "emulator: runs against an object-store emulator (moto, fake-gcs, Azurite)"
+    )
+    if emulators.required():
+        missing = [r for r in map(emulators.missing_reason, EMULATED) if r is not None]
+        if missing:
+            raise pytest.UsageError(
+                f"{emulators.REQUIRE_ENV} is set but emulators are missing: "
+                + "; ".join(missing)
+                + ". Run scripts/install-emulators.sh"
+            )
+
+
+def backend_params(kinds: list[str]) -> list[Any]:
+    """Pytest params for ``kinds``: emulated ones are marked, and skip when not installed."""
+    params: list[Any] = []
+    for kind in kinds:
+        if kind not in EMULATED:
+            params.append(kind)
+            continue
+        marks = [pytest.mark.emulator]
+        reason = emulators.missing_reason(kind)
+        if reason is not None:
+            marks.append(pytest.mark.skip(reason=reason))
+        params.append(pytest.param(kind, marks=marks))
+    return params
+
+
+def emulator_root(kind: str, tmp_path: Path) -> str:
+    """The root URL of the emulated store of ``kind`` for this test (fresh, then stable)."""
+    key = (kind, str(tmp_path))
+    if key not in _EMULATED_ROOTS:
+        _EMULATED_ROOTS[key] = emulators.get(kind).fresh_url()
+    return _EMULATED_ROOTS[key]
 
 
 def make_io(kind: str, tmp_path: Path) -> TaskIO:
-    """Return a fresh, empty TaskIO of the given kind."""
+    """Return a TaskIO of the given kind, empty on the first call for ``tmp_path``.
+
+    Shareable kinds return the same store again for the same ``tmp_path``.
+    Emulated kinds start their emulator if needed and use a fresh random
+    prefix in the session's bucket (container).
+    """
     if kind == "local":
         return LocalTaskIO(tmp_path / "store")
     if kind == "memory":
         return FsspecTaskIO(f"memory://checkmate-tests/{uuid.uuid4().hex}")
     if kind == "file":
         return FsspecTaskIO((tmp_path / "fs-store").as_uri())
+    if kind in EMULATED:
+        return FsspecTaskIO(emulator_root(kind, tmp_path), **emulators.get(kind).storage_options())
     raise ValueError(kind)
 
 
 def store_spec(kind: str, tmp_path: Path) -> str:
-    """The spec of a process-shareable store for tests/pipelines.py (local or file)."""
+    """The spec of a process-shareable store for tests/pipelines.py (the store of `make_io`).
+
+    Emulated stores are plain URLs: child processes inherit the environment
+    variables that point their clients at the emulators.
+    """
     if kind == "local":
         return f"local:{tmp_path / 'store'}"
     if kind == "file":
         return (tmp_path / "fs-store").as_uri()
+    if kind in EMULATED:
+        return emulator_root(kind, tmp_path)
     raise ValueError(f"{kind} cannot be shared between processes")
 
 
-@pytest.fixture(params=BACKENDS)
+@pytest.fixture(scope="session", autouse=True)
+def _stop_emulators() -> Iterator[None]:
+    """Stop, by PID, every emulator the session started (also when tests failed)."""
+    yield
+    emulators.stop_all()
+
+
+def _emulator(kind: str) -> emulators.Emulator:
+    reason = emulators.missing_reason(kind)
+    if reason is not None:
+        if emulators.required():
+            pytest.fail(f"{emulators.REQUIRE_ENV} is set but {reason}")
+        pytest.skip(reason)
+    return emulators.get(kind)
+
+
+@pytest.fixture(scope="session")
+def s3_emulator() -> emulators.Emulator:
+    """moto_server on 127.0.0.1 (S3), started once per session."""
+    return _emulator("s3")
+
+
+@pytest.fixture(scope="session")
+def gcs_emulator() -> emulators.Emulator:
+    """fake-gcs-server on 127.0.0.1 (GCS, in-memory backend), started once per session."""
+    return _emulator("gcs")
+
+
+@pytest.fixture(scope="session")
+def azure_emulator() -> emulators.Emulator:
+    """Azurite on 127.0.0.1 (Azure Blob, in-memory), started once per session."""
+    return _emulator("azure")
+
+
+@pytest.fixture(params=backend_params(BACKENDS))
 def backend(request: pytest.FixtureRequest) -> str:
     """The name of the backend under test."""
-    return str(request.param)
+    kind = str(request.param)
+    if kind in EMULATED:
+        request.getfixturevalue(f"{kind}_emulator")
+    return kind
 
 
 @pytest.fixture

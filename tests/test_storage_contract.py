@@ -212,8 +212,9 @@ def test_url_is_a_full_url_of_the_object(io: TaskIO, backend: str) -> None:
     io.write("t/s1.json", b"one")
     url0, url1 = io.url("t/s0.json"), io.url("t/s1.json")
     assert url0 != url1
-    scheme = "memory://" if backend == "memory" else "file://"
-    assert url0.startswith(scheme)
+    schemes = {"memory": ("memory://",), "s3": ("s3://",), "gcs": ("gs://", "gcs://")}
+    schemes["azure"] = ("az://", "abfs://")
+    assert url0.startswith(schemes.get(backend, ("file://",)))
     assert url0.endswith("/t/s0.json")
     with fsspec.open(url0, "rb") as handle:
         assert handle.read() == b"zero"

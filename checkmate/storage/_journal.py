@@ -29,6 +29,7 @@ import logging
 import os
 import struct
 import threading
+import weakref
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -116,6 +117,8 @@ class JournaledDirectories:
         self.root = root
         self._dirs: dict[Path, _Dir] = {}
         self._guard = threading.Lock()
+        # Close every descriptor when the store object goes away.
+        weakref.finalize(self, _close_all, self._dirs)
         self._pending: list[Path] = []
         self._worker: threading.Thread | None = None
 
@@ -366,7 +369,20 @@ class JournaledDirectories:
     def _checkpoint_now(self, directory: Path) -> None:
         with self._locked(directory, create=False) as state:
             self._checkpoint(directory, state)
+        self._forget(directory)
         _files.prune_empty_dirs(directory, self.root)
+
+    def _forget(self, directory: Path) -> None:
+        """Close an idle directory's descriptors (after its task was checkpointed)."""
+        with self._guard:
+            state = self._dirs.get(directory)
+            if state is None or not state.mutex.acquire(blocking=False):
+                return
+            try:
+                _close_all({directory: state})
+                del self._dirs[directory]
+            finally:
+                state.mutex.release()
 
     def _drain(self) -> None:
         while True:
@@ -385,6 +401,15 @@ class JournaledDirectories:
         worker = self._worker
         if worker is not None:
             worker.join()
+
+
+def _close_all(dirs: dict[Path, _Dir]) -> None:
+    for state in dirs.values():
+        for fd in (state.journal_fd, state.dir_fd):
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        state.journal_fd = state.dir_fd = -1
 
 
 def _only_journal_left(directory: Path) -> bool:
