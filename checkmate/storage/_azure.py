@@ -7,14 +7,10 @@ translate the SDK's 412 (``ResourceModifiedError``), so it is mapped here.
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Sequence
 from typing import Any
 
-from fsspec.asyn import sync
-
 from ..errors import VersionConflict
-from ._backend import Backend
+from ._cloud import CloudBackend
 
 __all__ = ["AzureBackend"]
 
@@ -26,18 +22,12 @@ def _sdk() -> Any:
     return azure.core
 
 
-class AzureBackend(Backend):
+class AzureBackend(CloudBackend):
     """adlfs with etag conditions."""
-
-    atomic_create = True
-    conditional_write = True
 
     def _split(self, path: str) -> tuple[str, str]:
         container, blob, _ = self.fs.split_path(path)
         return str(container), str(blob)
-
-    def _run(self, coro_fn: Any, *args: Any) -> Any:
-        return sync(self.fs.loop, coro_fn, *args)
 
     async def _get(self, path: str) -> tuple[bytes, str]:
         exc = _sdk().exceptions
@@ -93,34 +83,6 @@ class AzureBackend(Backend):
                     f"conditional delete of {path} refused ({type(err).__name__})", obj_name=path
                 ) from err
         self.fs.invalidate_cache(self.fs._parent(path))
-
-    def create(self, path: str, data: bytes) -> bool:
-        """Upload with ``If-None-Match: *``."""
-        try:
-            self.write_if(path, data, None)
-        except VersionConflict:
-            return False
-        return True
-
-    def read_versioned(self, path: str) -> tuple[bytes, str]:
-        """Download: the body and its etag from one response."""
-        result: tuple[bytes, str] = self._run(self._get, path)
-        return result
-
-    def read_many_versioned(self, paths: Sequence[str]) -> dict[str, tuple[bytes, str]]:
-        """Concurrent downloads; missing objects are left out."""
-
-        async def fetch_all() -> list[Any]:
-            async def one(path: str) -> Any:
-                try:
-                    return await self._get(path)
-                except FileNotFoundError:
-                    return None
-
-            return await asyncio.gather(*(one(p) for p in paths))
-
-        results = self._run(fetch_all) if paths else []
-        return {p: r for p, r in zip(paths, results, strict=True) if r is not None}
 
     def write_if(self, path: str, data: bytes, version: str | None) -> str:
         """Upload only if the etag matches (None: only if absent)."""

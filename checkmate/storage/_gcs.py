@@ -10,33 +10,24 @@ engine respects when choosing a lease renewal interval.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
-from typing import Any
 from urllib.parse import quote
 
-from fsspec.asyn import sync
-
 from ..errors import VersionConflict
-from ._backend import Backend
+from ._cloud import CloudBackend
 
 __all__ = ["GCSBackend"]
 
 _BOUNDARY = "==checkmate=="
 
 
-class GCSBackend(Backend):
+class GCSBackend(CloudBackend):
     """gcsfs with generation-match preconditions."""
 
-    atomic_create = True
-    conditional_write = True
     min_rewrite_interval = 1.0
 
     def _split(self, path: str) -> tuple[str, str]:
         bucket, key, _ = self.fs.split_path(path)
         return str(bucket), str(key)
-
-    def _run(self, coro_fn: Any, *args: Any) -> Any:
-        return sync(self.fs.loop, coro_fn, *args)
 
     async def _upload(self, path: str, data: bytes, generation: str) -> str:
         bucket, key = self._split(path)
@@ -69,35 +60,6 @@ class GCSBackend(Backend):
     def write(self, path: str, data: bytes) -> None:
         """Unconditional multipart upload."""
         self.fs.pipe_file(path, data)
-
-    def create(self, path: str, data: bytes) -> bool:
-        """Multipart upload with ``ifGenerationMatch=0``."""
-        try:
-            self.write_if(path, data, None)
-        except VersionConflict:
-            return False
-        return True
-
-    def read_versioned(self, path: str) -> tuple[bytes, str]:
-        """GET ``alt=media``: the body and its generation header."""
-        result: tuple[bytes, str] = self._run(self._get, path)
-        return result
-
-    def read_many_versioned(self, paths: Sequence[str]) -> dict[str, tuple[bytes, str]]:
-        """Concurrent GETs; missing objects are left out."""
-        import asyncio  # noqa: PLC0415
-
-        async def fetch_all() -> list[Any]:
-            async def one(path: str) -> Any:
-                try:
-                    return await self._get(path)
-                except FileNotFoundError:
-                    return None
-
-            return await asyncio.gather(*(one(p) for p in paths))
-
-        results = self._run(fetch_all) if paths else []
-        return {p: r for p, r in zip(paths, results, strict=True) if r is not None}
 
     def write_if(self, path: str, data: bytes, version: str | None) -> str:
         """Upload only if the generation matches (``0``: absent)."""

@@ -9,18 +9,10 @@ error code that s3fs keeps as the exception's cause.
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Sequence
-from typing import Any
-
-from fsspec.asyn import sync
-
 from ..errors import VersionConflict
-from ._backend import Backend
+from ._cloud import CloudBackend
 
 __all__ = ["S3Backend"]
-
-_CONCURRENCY = 32
 
 
 def _error_code(exc: BaseException) -> str:
@@ -49,18 +41,12 @@ def _classify(exc: Exception, path: str, expected: str | None) -> Exception:
     return exc
 
 
-class S3Backend(Backend):
+class S3Backend(CloudBackend):
     """s3fs with native conditional requests (any store that passes the self-test)."""
-
-    atomic_create = True
-    conditional_write = True
 
     def _split(self, path: str) -> tuple[str, str]:
         bucket, key, _ = self.fs.split_path(path)
         return str(bucket), str(key)
-
-    def _run(self, coro_fn: Any, *args: Any) -> Any:
-        return sync(self.fs.loop, coro_fn, *args)
 
     async def _put(self, path: str, data: bytes, condition: dict[str, str]) -> str:
         bucket, key = self._split(path)
@@ -74,37 +60,6 @@ class S3Backend(Backend):
         async with response["Body"] as body:
             data = await body.read()
         return bytes(data), str(response["ETag"])
-
-    def create(self, path: str, data: bytes) -> bool:
-        """PUT with ``If-None-Match: *``."""
-        try:
-            self.write_if(path, data, None)
-        except VersionConflict:
-            return False
-        return True
-
-    def read_versioned(self, path: str) -> tuple[bytes, str]:
-        """GET: the body and its ETag from one response."""
-        result: tuple[bytes, str] = self._run(self._get, path)
-        return result
-
-    def read_many_versioned(self, paths: Sequence[str]) -> dict[str, tuple[bytes, str]]:
-        """Parallel GETs; missing objects are left out."""
-
-        async def fetch_all() -> list[Any]:
-            gate = asyncio.Semaphore(_CONCURRENCY)
-
-            async def one(path: str) -> Any:
-                async with gate:
-                    try:
-                        return await self._get(path)
-                    except FileNotFoundError:
-                        return None
-
-            return await asyncio.gather(*(one(p) for p in paths))
-
-        results = self._run(fetch_all) if paths else []
-        return {p: r for p, r in zip(paths, results, strict=True) if r is not None}
 
     def write_if(self, path: str, data: bytes, version: str | None) -> str:
         """PUT with ``If-None-Match: *`` (version None) or ``If-Match: <etag>``."""
