@@ -37,7 +37,6 @@ class CreateLock:
         self.obj_name = obj_name
         self.retry = retry
         self.owner: LockOwner | None = None
-        self._marker: str | None = None
 
     def _io(self, func: Callable[..., _T], *args: Any) -> _T:
         return storage_call(self.retry, "lock", self.obj_name, func, *args)
@@ -50,7 +49,7 @@ class CreateLock:
         mine = LockOwner.for_this_process()
         data = mine.model_dump_json().encode()
         if self._io(self.io.create, self.obj_name, data):
-            self._taken(mine, marker=None)
+            self.owner = mine
             return None
         try:
             current_bytes = self._io(self.io.read, self.obj_name)
@@ -62,7 +61,7 @@ class CreateLock:
             return "the lock object cannot be parsed, which counts as held"
         if current.token == mine.token:
             # An earlier try of our own create landed before its reply was lost.
-            self._taken(mine, marker=None)
+            self.owner = mine
             return None
         if not current.is_dead():
             return f"it is held by {current.describe()}"
@@ -98,12 +97,8 @@ class CreateLock:
             return "the stale lock changed while we took it over; try again"
         self._io(self.io.write, self.obj_name, data)
         logger.warning("took over lock %s from dead process %s", self.obj_name, stale.describe())
-        self._taken(mine, marker=marker)
+        self.owner = mine
         return None
-
-    def _taken(self, owner: LockOwner, marker: str | None) -> None:
-        self.owner = owner
-        self._marker = marker
 
     def release(self, delete: bool = True) -> None:
         """Delete the lock object if it is still ours, and any takeover markers."""
@@ -127,7 +122,6 @@ class CreateLock:
                 self._io(self.io.delete, name)
         finally:
             self.owner = None
-            self._marker = None
 
     @staticmethod
     def is_held(io: TaskIO, obj_name: str, skew: float) -> bool:

@@ -687,7 +687,7 @@ class CheckMateEngine(Generic[STAGE, STAGE_RESULT]):
                     now,
                 )
                 raise self._failure(stage, last_error)
-            previous = stage.state if index == 0 else _copy_state(self._stages[index - 1].state)
+            previous = stage.state if index == 0 else _copy_model(self._stages[index - 1].state)
             attempt = stage.inc_attempts()
             begin = time.time()
             try:
@@ -914,8 +914,3 @@ def _copy_model(model: _M) -> _M:
         return type(model).model_validate(model.model_dump(round_trip=True))
     except (ValueError, TypeError):
         return model.model_copy(deep=True)
-
-
-def _copy_state(state: BaseStageState[Any]) -> BaseStageState[Any]:
-    """A deep copy of a state (see `_copy_model`)."""
-    return _copy_model(state)
