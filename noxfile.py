@@ -18,7 +18,8 @@ PEER_BENCH = Path(__file__).resolve().parent.parent / "shared" / "peer-bench"
 @nox.session
 def tests(session: nox.Session) -> None:
     """Run the whole test suite (the same command as the README and CI)."""
-    session.install("-e", ".[test]")
+    # With the emulators' Python packages; Azurite comes from scripts/install-emulators.sh.
+    session.install("-e", ".[test,emulators]")
     session.run(*TEST_COMMAND, *session.posargs)
 
 
