@@ -3,11 +3,18 @@
 The lock object is created with `TaskIO.create` and deleted on release. It
 never expires: only a lock whose owner is a dead process on this same host is
 taken over, through a numbered marker object that at most one taker can create.
+
+A lock that this process may have left in the store without holding it (an
+acquisition whose create failed after it may have landed, a release that
+failed) is *abandoned*: its token is remembered, and the next acquisition in
+this process takes the object over. Other processes still see a live owner
+and wait until this process exits, as with any held lock object.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -24,6 +31,24 @@ logger = logging.getLogger(__name__)
 _T = TypeVar("_T")
 _MAX_TAKEOVER_MARKERS = 64
 MARKER_INFIX = ".takeover-"
+
+_ABANDONED: set[tuple[str, str]] = set()  # (lock object's URL, token)
+_ABANDONED_LOCK = threading.Lock()
+
+
+def _abandon(io: TaskIO, obj_name: str, *tokens: str) -> None:
+    with _ABANDONED_LOCK:
+        _ABANDONED.update((io.url(obj_name), token) for token in tokens)
+
+
+def _claim(io: TaskIO, obj_name: str, token: str) -> bool:
+    """Take an abandoned token of this process; at most one caller gets it."""
+    key = (io.url(obj_name), token)
+    with _ABANDONED_LOCK:
+        if key not in _ABANDONED:
+            return False
+        _ABANDONED.discard(key)
+        return True
 
 
 class CreateLock:
@@ -48,13 +73,16 @@ class CreateLock:
         """Try once; return None on success, else why the lock is not ours."""
         mine = LockOwner.for_this_process()
         data = mine.model_dump_json().encode()
-        if self._io(self.io.create, self.obj_name, data):
-            self.owner = mine
-            return None
         try:
+            if self._io(self.io.create, self.obj_name, data):
+                self.owner = mine
+                return None
             current_bytes = self._io(self.io.read, self.obj_name)
         except FileNotFoundError:
             return "it was released while we looked; try again"
+        except BaseException:
+            _abandon(self.io, self.obj_name, mine.token)  # the create may have landed
+            raise
         try:
             current = LockOwner.model_validate_json(current_bytes)
         except ValidationError:
@@ -63,9 +91,22 @@ class CreateLock:
             # An earlier try of our own create landed before its reply was lost.
             self.owner = mine
             return None
+        if _claim(self.io, self.obj_name, current.token):
+            return self._reclaim(current, mine, data)
         if not current.is_dead():
             return f"it is held by {current.describe()}"
         return self._take_over(current, current_bytes, mine, data)
+
+    def _reclaim(self, abandoned: LockOwner, mine: LockOwner, data: bytes) -> str | None:
+        """Overwrite a lock object this process abandoned (no other process may touch it)."""
+        try:
+            self._io(self.io.write, self.obj_name, data)
+        except BaseException:
+            _abandon(self.io, self.obj_name, abandoned.token, mine.token)
+            raise
+        logger.warning("reclaimed lock %s abandoned by this process", self.obj_name)
+        self.owner = mine
+        return None
 
     def _take_over(
         self, stale: LockOwner, stale_bytes: bytes, mine: LockOwner, data: bytes
@@ -105,6 +146,7 @@ class CreateLock:
         del delete  # a lock object is always deleted
         if self.owner is None:
             return
+        token = self.owner.token
         try:
             try:
                 current: LockOwner | None = LockOwner.model_validate_json(
@@ -120,6 +162,9 @@ class CreateLock:
             # crashed: none names our token, so no takeover in flight needs them.
             for name in self._io(self.io.list, self.obj_name + MARKER_INFIX):
                 self._io(self.io.delete, name)
+        except BaseException:
+            _abandon(self.io, self.obj_name, token)  # the object may still name us
+            raise
         finally:
             self.owner = None
 

@@ -40,7 +40,7 @@ from .lockrecord import LeaseRecord, LockOwner
 from .retry import StorageRetry, storage_call
 from .storage.base import TaskIO
 
-__all__ = ["Lease", "self_test"]
+__all__ = ["SELFTEST_INFIX", "Lease", "self_test"]
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +55,39 @@ def _store_key(io: TaskIO) -> str:
     return f"{type(io).__qualname__}:{io.url('x')}"
 
 
+SELFTEST_INFIX = ".selftest-"
+"""Infix of the self-test's scratch objects: ``<lock name>.selftest-<hex>``."""
+_STALE_SCRATCH_AGE = 3600.0
+
+
+def _sweep_scratch(io: TaskIO, scratch_name: str, call: Callable[..., Any]) -> None:
+    """Delete scratch objects that earlier self-tests left behind when their process died.
+
+    A scratch object is removed when its writer is a dead process on this host,
+    or when it is older than an hour (no self-test lasts that long). Objects
+    that do not parse as a self-test's are left alone.
+    """
+    now = time.time()
+    for name in call(io.list, scratch_name + SELFTEST_INFIX):
+        try:
+            mark = _ScratchMark.model_validate_json(call(io.read, name))
+        except FileNotFoundError:
+            continue  # its own self-test finished meanwhile
+        except ValidationError:
+            logger.warning("leaving %s alone: not a self-test scratch object", name)
+            continue
+        if mark.is_dead() or now - mark.written_at > _STALE_SCRATCH_AGE:
+            logger.info("removing self-test scratch object %s left by %s", name, mark.describe())
+            call(io.delete, name)
+
+
+class _ScratchMark(LockOwner):
+    """What a self-test writes: who wrote it and when, plus a mark unique to each write."""
+
+    written_at: float
+    mark: str
+
+
 def self_test(io: TaskIO, scratch_name: str, retry: StorageRetry | None = None) -> None:
     """Check once per store that conditional writes are enforced; refuse the store if not.
 
@@ -62,7 +95,8 @@ def self_test(io: TaskIO, scratch_name: str, retry: StorageRetry | None = None) 
     accepts a second create, or a write on a stale version, silently ignores
     preconditions (some S3-compatible servers do) and cannot hold a lease.
     Transient storage errors are retried; a retried write whose first try had
-    landed is recognised by reading back its unique bytes.
+    landed is recognised by reading back its unique bytes. Scratch objects
+    left by self-tests of dead processes are removed first.
 
     Raises:
         LockUnsupportedError: The store does not enforce preconditions.
@@ -75,7 +109,7 @@ def self_test(io: TaskIO, scratch_name: str, retry: StorageRetry | None = None) 
         if _TRUSTED.get(key):
             return
     policy = retry if retry is not None else StorageRetry()
-    name = f"{scratch_name}.selftest-{uuid.uuid4().hex}"
+    name = f"{scratch_name}{SELFTEST_INFIX}{uuid.uuid4().hex}"
 
     def call(func: Callable[..., _T], *args: Any) -> _T:
         return storage_call(policy, "self-test", name, func, *args)
@@ -96,7 +130,14 @@ def self_test(io: TaskIO, scratch_name: str, retry: StorageRetry | None = None) 
             return True
         return False
 
-    marks = [f"checkmate self-test {i} {uuid.uuid4().hex}".encode() for i in range(4)]
+    _sweep_scratch(io, scratch_name, call)
+    owner = LockOwner.for_this_process().model_dump()
+    marks = [
+        _ScratchMark(**owner, written_at=time.time(), mark=f"{i} {uuid.uuid4().hex}")
+        .model_dump_json()
+        .encode()
+        for i in range(4)
+    ]
     problem = None
     try:
         first = write(marks[0], None)

@@ -94,20 +94,11 @@ def run_scenario(
     store: Store,
     log: str,
     crashes: list[tuple[int, str]],
-    tolerate_orphan_markers: bool = False,
-    tolerate_scratch: bool = True,
     max_attempts: int = 3,
 ) -> tuple[dict[str, int], list[str]]:
     """Crash the task at each (k, when) in turn, then resume it until it is COMPLETE.
 
     Returns the figures of the scenario and every violation found.
-
-    ``tolerate_orphan_markers`` / ``tolerate_scratch``: do not fail on takeover
-    markers of crashed lock takeovers / on the lease self-test's scratch objects
-    left by a crash, only count them. Each is a known engine bug with its own
-    strict-xfail test (`test_crashed_takeover_leaves_no_marker`,
-    `test_crash_during_the_lease_self_test_leaves_nothing`), so that the
-    other invariants keep being checked here meanwhile.
     """
     tracker = RunTracker(log)
     problems: list[str] = []
@@ -161,9 +152,9 @@ def run_scenario(
     if result_value is None or result_value.value != expected_value(STAGES):
         problems.append(f"final result {result_value!r}, expected {expected_value(STAGES)}")
     markers = [o for o in seen.lock_leftovers if o != lock_obj_name(TASK)]
-    if seen.lock_held or (markers and not tolerate_orphan_markers):
+    if seen.lock_leftovers:
         problems.append(f"lock left: {seen.lock_leftovers}")
-    if seen.scratch and not tolerate_scratch:
+    if seen.scratch:
         problems.append(f"self-test scratch objects left: {seen.scratch}")
     problems.extend(unrecorded_runs(read_log(log), seen.states))
     for name in NAMES:
@@ -222,7 +213,6 @@ def test_repeated_crashes_during_recovery(tmp_path: Path, kind: str) -> None:
             store,
             str(tmp_path / f"seed{seed}.log"),
             crashes,
-            tolerate_orphan_markers=True,
             # each crash inside a stage costs an attempt: leave room for all of them
             max_attempts=3 + len(crashes),
         )
@@ -286,11 +276,6 @@ def test_crashed_takeover_leaves_no_marker(tmp_path: Path, rule: Any) -> None:
     assert seen.lock_objects == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine bug: a crash during the lease self-test leaves its scratch object "
-    "<task>/task~lock.selftest-<hex> behind, and no later run removes it",
-)
 @pytest.mark.parametrize("kind", ["local", "file"])
 def test_crash_during_the_lease_self_test_leaves_nothing(tmp_path: Path, kind: str) -> None:
     """Mutation 1 of a fresh process on a lease store is the self-test's create."""
