@@ -1007,6 +1007,39 @@ def test_self_test_refuses_a_store_that_ignores_preconditions(
         assert honest.lock_epoch == 1
 
 
+def test_self_test_removes_only_scratch_objects_of_dead_or_long_gone_writers(
+    tmp_path: Path,
+) -> None:
+    """A crash during the self-test leaves its scratch object; the next self-test on the
+    store removes those of dead local processes and those older than an hour, and
+    nothing else."""
+    from checkmate.lease import SELFTEST_INFIX, _ScratchMark
+    from checkmate.lockrecord import LockOwner
+    from checkmate.storage import LocalTaskIO
+
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    me = LockOwner.for_this_process().model_dump()
+    now = time.time()
+    marks = {
+        "dead": {**me, "pid": int(gone.stdout), "pid_start": None, "written_at": now},
+        "live": {**me, "written_at": now},
+        "old-remote": {**me, "host": "elsewhere", "written_at": now - 7200},
+        "new-remote": {**me, "host": "elsewhere", "written_at": now - 60},
+    }
+    inner = LocalTaskIO(tmp_path / "store")
+    prefix = f"t/task~lock{SELFTEST_INFIX}"
+    for key, fields in marks.items():
+        inner.write(prefix + key, _ScratchMark(**fields, mark="x").model_dump_json().encode())
+    inner.write(prefix + "garbage", b"not a self-test's")
+    self_test(WrappingTaskIO(inner), "t/task~lock")
+    assert inner.list("t/") == [prefix + k for k in ("garbage", "live", "new-remote")]
+
+
 def test_epochs_strictly_increase_across_acquisitions_and_takeovers(store: Store) -> None:
     epochs = []
     engine = store.engine()
