@@ -12,7 +12,7 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
-from .codec import decode_state, encode_stage, meta_prefix
+from .codec import decode_state, encode_stage, meta_head, meta_prefix_from
 from .errors import (
     LeaseLostError,
     StateMismatchError,
@@ -56,7 +56,16 @@ class TaskObjects:
         self.lock_name = lock_obj_name(task_id)
         self.lock: BindLock | None = None
         self.versions: dict[str, str] = {}
-        self.prefixes = [meta_prefix(t, i, len(templates), None) for i, t in enumerate(templates)]
+        heads: dict[type, bytes] = {}
+        for template in templates:
+            if type(template) not in heads:
+                heads[type(template)] = meta_head(type(template))
+        self._heads = [heads[type(t)] for t in templates]
+        self.prefixes = self._prefixes(None)
+
+    def _prefixes(self, epoch: int | None) -> list[bytes]:
+        count = len(self._heads)
+        return [meta_prefix_from(head, i, count, epoch) for i, head in enumerate(self._heads)]
 
     def call(self, action: str, obj_name: str, func: Callable[..., _T], *args: Any) -> _T:
         """Run one storage call with retries; a final failure becomes a StorageError."""
@@ -66,9 +75,7 @@ class TaskObjects:
         """Start a bind under ``lock`` (None: no lock): stage objects carry its epoch."""
         self.lock = lock
         self.versions = {}
-        epoch = lock.epoch if lock is not None else None
-        count = len(self.templates)
-        self.prefixes = [meta_prefix(t, i, count, epoch) for i, t in enumerate(self.templates)]
+        self.prefixes = self._prefixes(lock.epoch if lock is not None else None)
 
     def detach(self) -> None:
         """End the bind."""

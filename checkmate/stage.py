@@ -33,6 +33,45 @@ def _iso(timestamp: float, zone: str) -> str:
     return datetime.fromtimestamp(timestamp, ZoneInfo(zone)).isoformat()
 
 
+_ENTRY_FIELDS = tuple(StageStateHistoryEntry.model_fields)
+_new_object = object.__new__
+_set_attribute = object.__setattr__
+
+
+def _history_entry(
+    attempt: int,
+    begin_status: StageStatus,
+    end_status: StageStatus,
+    begin_ts: str,
+    end_ts: str,
+    message: str,
+    run_time_seconds: float,
+) -> StageStateHistoryEntry:
+    """A history entry from values made by the engine: what ``model_construct`` builds.
+
+    The values need no validation, and every field is set, so the instance is
+    built directly (several times faster than ``model_construct``).
+    """
+    entry = _new_object(StageStateHistoryEntry)
+    _set_attribute(
+        entry,
+        "__dict__",
+        {
+            "attempt": attempt,
+            "begin_status": begin_status,
+            "end_status": end_status,
+            "begin_ts": begin_ts,
+            "end_ts": end_ts,
+            "message": message,
+            "run_time_seconds": run_time_seconds,
+        },
+    )
+    _set_attribute(entry, "__pydantic_fields_set__", set(_ENTRY_FIELDS))
+    _set_attribute(entry, "__pydantic_extra__", None)
+    _set_attribute(entry, "__pydantic_private__", None)
+    return entry
+
+
 class BaseStage(BaseModel, ABC, Generic[STAGE_STATE]):
     """One stage of a pipeline: subclass it and implement `execute_stage`.
 
@@ -228,14 +267,16 @@ class BaseStage(BaseModel, ABC, Generic[STAGE_STATE]):
             )
         end = time.time() if end_ts is None else end_ts
         attempts = state.attempts
-        entry = StageStateHistoryEntry.model_construct(  # values made here: no validation
-            attempt=attempts,
-            begin_status=begin_status,
-            end_status=status,
-            begin_ts=_iso(begin_ts, self.timezone),
-            end_ts=_iso(end, self.timezone),
-            message=message,
-            run_time_seconds=max(0.0, end - begin_ts),
+        zone = self.timezone
+        begin_iso = _iso(begin_ts, zone)
+        entry = _history_entry(
+            attempts,
+            begin_status,
+            status,
+            begin_iso,
+            begin_iso if end == begin_ts else _iso(end, zone),
+            message,
+            max(0.0, end - begin_ts),
         )
         state.history.append(entry)
         state.status = status
