@@ -6,7 +6,8 @@ again. Every status change is persisted through a `TaskIO`. Run many tasks at
 once, on any executor, with `run_tasks`.
 """
 
-from .batch import BatchSummary, EngineFactory, TaskOutcome, TaskResult, run_tasks
+import typing as _typing
+
 from .cancellation import cancel_requested, request_cancel, withdraw_cancel
 from .engine import STAGE, CheckMateEngine, TaskEngineState
 from .errors import (
@@ -40,7 +41,12 @@ from .models import (
 )
 from .retry import StorageRetry
 from .stage import STAGE_STATE, BaseStage
-from .storage import FsspecTaskIO, LocalTaskIO, TaskIO
+from .storage.base import TaskIO
+
+if _typing.TYPE_CHECKING:
+    from .batch import BatchSummary, EngineFactory, TaskOutcome, TaskResult, run_tasks
+    from .storage.fsspec_io import FsspecTaskIO
+    from .storage.local import LocalTaskIO
 
 __version__ = "0.1.0"
 
@@ -90,3 +96,31 @@ __all__ = [
     "withdraw_cancel",
     "__version__",
 ]
+
+# Loaded on first use: the batch runner (multiprocessing, executors) and the
+# concrete stores (fsspec) cost more to import than the rest of the package.
+_LAZY = {
+    "BatchSummary": "batch",
+    "EngineFactory": "batch",
+    "TaskOutcome": "batch",
+    "TaskResult": "batch",
+    "run_tasks": "batch",
+    "FsspecTaskIO": "storage.fsspec_io",
+    "LocalTaskIO": "storage.local",
+}
+
+
+if not _typing.TYPE_CHECKING:  # mypy sees the imports above, not an Any-typed __getattr__
+
+    def __getattr__(name: str) -> _typing.Any:
+        module = _LAZY.get(name)
+        if module is None:
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+        from importlib import import_module  # noqa: PLC0415 - only for the lazy names
+
+        value = getattr(import_module(f"{__name__}.{module}"), name)
+        globals()[name] = value
+        return value
+
+    def __dir__() -> list[str]:
+        return sorted({*globals(), *_LAZY})

@@ -10,9 +10,8 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from types import TracebackType
-from typing import Any, Generic, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 
-from colorama import Fore
 from pydantic import BaseModel, Field, SkipValidation
 
 from ._task_objects import TaskObjects
@@ -35,11 +34,13 @@ from .naming import (
     new_task_id,
     task_prefix,
 )
-from .render import StageView, render_stages
 from .retry import StorageRetry
 from .stage import BaseStage
 from .storage.base import TaskIO
 from .transitions import aggregate_status, find_invalid_pair
+
+if TYPE_CHECKING:
+    from .render import StageView
 
 __all__ = ["STAGE", "CheckMateEngine", "TaskEngineState"]
 
@@ -51,6 +52,7 @@ STAGE = TypeVar("STAGE", bound=BaseStage[Any])
 _S = StageStatus
 _T = TypeVar("_T")
 Source = Literal["memory", "persistence"]
+_HEADING_COLOR = "\x1b[97m"  # colorama's Fore.LIGHTWHITE_EX, without importing colorama
 
 
 class TaskEngineState(BaseModel, Generic[STAGE]):
@@ -434,6 +436,7 @@ class CheckMateEngine(Generic[STAGE, STAGE_RESULT]):
             raise TaskStateError(
                 f"engine for task {self.task_id!r} is already bound", task_id=self.task_id
             )
+        self._objects.defer()
         lock = None if self.no_lock else self._new_lock()
         if lock is not None:
             lock.acquire()
@@ -834,7 +837,7 @@ class CheckMateEngine(Generic[STAGE, STAGE_RESULT]):
     def dump_stages(
         self,
         source: Source = "memory",
-        color: str = Fore.LIGHTWHITE_EX,
+        color: str = _HEADING_COLOR,
         basenames_only: bool = False,
         source_in_heading: bool = False,
     ) -> str:
@@ -851,11 +854,15 @@ class CheckMateEngine(Generic[STAGE, STAGE_RESULT]):
         Raises:
             TaskEngineException: ``source`` is unknown, or a persisted object is invalid.
         """
+        from .render import render_stages  # noqa: PLC0415 - only needed for dumps
+
         views = self._stage_views(source, basenames_only)
         note = f"source: {source}" if source_in_heading else None
         return render_stages(self.task_id, views, color=color, heading_note=note)
 
     def _stage_views(self, source: str, basenames_only: bool) -> list[StageView]:
+        from .render import StageView  # noqa: PLC0415 - only needed for dumps
+
         if source == "memory":
             states: list[BaseStageState[Any] | None] = [s.state for s in self._stages]
         elif source == "persistence":
@@ -882,7 +889,7 @@ class CheckMateEngine(Generic[STAGE, STAGE_RESULT]):
     def log_stages(
         self,
         source: Source = "memory",
-        color: str = Fore.LIGHTWHITE_EX,
+        color: str = _HEADING_COLOR,
         basenames_only: bool = False,
     ) -> None:
         """Log `dump_stages` output at INFO level through this module's logger."""

@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from colorama import Style
-
 __all__ = ["StageView", "render_stages"]
+
+_RESET = "\x1b[0m"  # colorama's Style.RESET_ALL
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,7 @@ def render_stages(
             for plain text with no escape codes.
         heading_note: Extra text for the task heading (such as the source).
     """
-    reset = Style.RESET_ALL if color else ""
+    reset = _RESET if color else ""
 
     def heading(text: str) -> str:
         return f"{color}{text}{reset}"
