@@ -238,7 +238,7 @@ class CheckMateEngine(Generic[STAGE, STAGE_RESULT]):
         for index, template in enumerate(templates):
             # Re-validate: a template built with model_construct skipped every check.
             try:
-                checked.append(type(template).model_validate(template.model_dump(round_trip=True)))
+                checked.append(_round_trip(template))
             except Exception as exc:  # any way the template fails to round-trip
                 raise ConfigurationError(
                     f"stage template {index} ({template.stage_name!r}) of task {self.task_id!r} "
@@ -910,6 +910,21 @@ class CheckMateEngine(Generic[STAGE, STAGE_RESULT]):
 
 
 _M = TypeVar("_M", bound=BaseModel)
+_MODEL_DUMP = BaseModel.model_dump
+_MODEL_VALIDATE = BaseModel.model_validate.__func__  # type: ignore[attr-defined]
+
+
+def _round_trip(model: _M) -> _M:
+    """``model_validate(model_dump(round_trip=True))``: a validated deep copy.
+
+    Calls the model's serializer and validator directly (what those two
+    methods do) unless its class overrides either method.
+    """
+    cls = type(model)
+    if cls.model_dump is _MODEL_DUMP and cls.model_validate.__func__ is _MODEL_VALIDATE:  # type: ignore[attr-defined]
+        dumped = cls.__pydantic_serializer__.to_python(model, round_trip=True)
+        return cls.__pydantic_validator__.validate_python(dumped)  # type: ignore[no-any-return]
+    return cls.model_validate(model.model_dump(round_trip=True))
 
 
 def _copy_model(model: _M) -> _M:
@@ -918,6 +933,6 @@ def _copy_model(model: _M) -> _M:
     Falls back to deepcopy for models whose values do not round-trip.
     """
     try:
-        return type(model).model_validate(model.model_dump(round_trip=True))
+        return _round_trip(model)
     except (ValueError, TypeError):
         return model.model_copy(deep=True)
