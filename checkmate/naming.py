@@ -78,7 +78,7 @@ def check_stage_name(name: str) -> str:
     """
     if not 0 < len(name) <= STAGE_NAME_MAX_LENGTH:
         raise ValueError(f"a stage name must have 1 to {STAGE_NAME_MAX_LENGTH} characters")
-    if any(c in name for c in "/\\\x00"):
+    if "/" in name or "\\" in name or "\x00" in name:
         raise ValueError("a stage name must not contain '/', '\\' or NUL")
     if name in {".", ".."}:
         raise ValueError("a stage name must not be '.' or '..'")
@@ -93,6 +93,20 @@ def stage_file_stem(stage_name: str) -> str:
     the exact name, so distinct names never collide, not even on a
     case-insensitive file system, and no name exceeds 255 bytes.
     """
+    stem = _STEMS.get(stage_name)
+    if stem is None:
+        stem = _file_stem(stage_name)
+        if len(_STEMS) < _MAX_STEMS:
+            _STEMS[stage_name] = stem
+    return stem
+
+
+# Stage names and their stems (every engine names its stages' objects).
+_STEMS: dict[str, str] = {}
+_MAX_STEMS = 4096
+
+
+def _file_stem(stage_name: str) -> str:
     if (
         _PLAIN_STAGE_RE.fullmatch(stage_name)
         and not stage_name.endswith(".")

@@ -30,7 +30,21 @@ STAGE_STATE = TypeVar("STAGE_STATE", bound=BaseStageState[Any])
 
 
 def _iso(timestamp: float, zone: str) -> str:
-    return datetime.fromtimestamp(timestamp, ZoneInfo(zone)).isoformat()
+    global _last_iso  # noqa: PLW0603 - a one-entry cache
+    last = _last_iso
+    if last[0] == timestamp and last[1] == zone:
+        return last[2]
+    text = datetime.fromtimestamp(timestamp, ZoneInfo(zone)).isoformat()
+    _last_iso = (timestamp, zone, text)
+    return text
+
+
+# The last timestamp formatted: the engine formats one instant several times
+# (every stage created at bind, the start of a run when it ends).
+_last_iso: tuple[float, str, str] = (float("nan"), "", "")
+# Time zone names known to be valid (a stage is validated at every copy).
+_VALID_ZONES: set[str] = set()
+_MAX_VALID_ZONES = 1024
 
 
 _ENTRY_FIELDS = tuple(StageStateHistoryEntry.model_fields)
@@ -108,10 +122,14 @@ class BaseStage(BaseModel, ABC, Generic[STAGE_STATE]):
     @field_validator("timezone")
     @classmethod
     def _check_timezone(cls, value: str) -> str:
+        if value in _VALID_ZONES:
+            return value
         try:
             ZoneInfo(value)
         except (ZoneInfoNotFoundError, ValueError) as exc:
             raise ValueError(f"unknown IANA time zone {value!r}") from exc
+        if len(_VALID_ZONES) < _MAX_VALID_ZONES:
+            _VALID_ZONES.add(value)
         return value
 
     def __deepcopy__(self, memo: dict[int, Any] | None = None) -> Self:
