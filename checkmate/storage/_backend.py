@@ -7,6 +7,7 @@ portable fsspec calls; the others use what their store offers natively.
 
 from __future__ import annotations
 
+import itertools
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,6 +24,10 @@ __all__ = ["Backend", "LocalFileBackend", "MemoryBackend"]
 # fsspec's memory filesystem is one process-wide store; one lock makes
 # create-if-absent and compare-and-swap atomic for every thread of the process.
 _MEMORY_LOCK = threading.RLock()
+# Paths a MemoryBackend has resolved to store keys (bounded: cleared when full).
+_KEY_CACHE_SIZE = 4096
+# The versions of memory objects: one process-wide sequence (taken under _MEMORY_LOCK).
+_GENERATIONS = itertools.count(1)
 
 
 class Backend:
@@ -137,22 +142,45 @@ class MemoryBackend(Backend):
     """fsspec's process-wide memory store, made atomic with one process-wide lock.
 
     Works on the store's dict directly: one lookup or assignment per call.
-    Each stored file remembers the version it was written with.
+    Each stored file remembers the version it was written with: a generation
+    number, new with every write (a file written without checkmate has the
+    hash of its bytes as version).
     """
 
     atomic_create = True
     conditional_write = True
     needs_self_test = False
 
+    def __init__(self, fs: Any, root: str) -> None:
+        super().__init__(fs, root)
+        self._keys: dict[str, str] = {}
+
     def _key(self, path: str) -> str:
-        return str(self.fs._strip_protocol(path))
+        key = self._keys.get(path)
+        if key is None:
+            key = str(self.fs._strip_protocol(path))
+            if len(self._keys) >= _KEY_CACHE_SIZE:
+                self._keys.clear()
+            self._keys[path] = key
+        return key
 
     def _put(self, key: str, data: bytes) -> str:
-        version = content_version(data)
+        # A generation number, like a GCS generation: unique to each write in the
+        # process (a hash of the bytes would cost more); "g" keeps it apart from the
+        # content hashes of objects written without checkmate.
+        version = f"g{next(_GENERATIONS):x}"
         stored = MemoryFile(self.fs, key, data)
         stored.checkmate_version = version
         self.fs.store[key] = stored
         return version
+
+    def _version(self, key: str) -> str | None:
+        """The stored object's version (None if absent), without copying its bytes."""
+        stored = self.fs.store.get(key)
+        if stored is None:
+            return None
+        version = getattr(stored, "checkmate_version", None)
+        return version or content_version(bytes(stored.getbuffer()))
 
     def _get(self, key: str) -> tuple[bytes, str] | None:
         stored = self.fs.store.get(key)
@@ -205,10 +233,8 @@ class MemoryBackend(Backend):
             if version is None:
                 if self._taken(key):
                     raise VersionConflict(f"{path} already exists", obj_name=path)
-            else:
-                found = self._get(key)
-                if found is None or found[1] != version:
-                    raise VersionConflict(f"{path} has changed or is gone", obj_name=path)
+            elif self._version(key) != version:
+                raise VersionConflict(f"{path} has changed or is gone", obj_name=path)
             return self._put(key, data)
 
     def delete_if(self, path: str, version: str) -> None:
