@@ -244,6 +244,10 @@ class TaskObjects:
 
     # ------------------------------------------------------------------ whole task
 
+    def defer(self) -> None:
+        """Let the store keep the task's writes in its journal until `compact`."""
+        self.io.defer_publication(self.prefix)
+
     def compact(self) -> None:
         """Let the store fold its journal into the task's objects (`TaskIO.sync`).
 

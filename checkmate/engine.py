@@ -436,6 +436,7 @@ class CheckMateEngine(Generic[STAGE, STAGE_RESULT]):
             raise TaskStateError(
                 f"engine for task {self.task_id!r} is already bound", task_id=self.task_id
             )
+        self._objects.defer()
         lock = None if self.no_lock else self._new_lock()
         if lock is not None:
             lock.acquire()

@@ -76,6 +76,10 @@ class WrappingTaskIO(TaskIO):
         """Forwarded `TaskIO.sweep`."""
         return self._call("sweep", self.inner.sweep, prefix)
 
+    def defer_publication(self, prefix: str) -> None:
+        """Forwarded `TaskIO.defer_publication` (a hint, not a storage call)."""
+        self.inner.defer_publication(prefix)
+
     def sync(self, prefix: str) -> None:
         """Forwarded `TaskIO.sync`."""
         self._call("sync", self.inner.sync, prefix)

@@ -306,7 +306,7 @@ def test_two_batch_runs_at_once_run_each_stage_once(tmp_path: Path) -> None:
     logs = [tmp_path / "run-a.log", tmp_path / "run-b.log"]
     procs = [
         subprocess.Popen(
-            [sys.executable, FACTORIES, f"local:{store}", str(log), str(tasks_file)],
+            [sys.executable, FACTORIES, str(store), str(log), str(tasks_file)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,

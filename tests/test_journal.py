@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from checkmate import LocalTaskIO
+from checkmate import LocalTaskIO, VersionConflict
 from checkmate.storage._journal import JOURNAL_NAME, parse_journal
 
 pytestmark = pytest.mark.skipif(
@@ -18,40 +18,93 @@ def journal(root: Path, task: str = "t") -> Path:
     return root / task / JOURNAL_NAME
 
 
-def test_writes_are_journaled_and_visible_as_plain_files(tmp_path: Path) -> None:
+def test_writes_are_journaled_and_published_as_plain_files(tmp_path: Path) -> None:
     io = LocalTaskIO(tmp_path)
     io.write("t/a.json", b"one")
     io.write("t/a.json", b"two")
     assert (tmp_path / "t" / "a.json").read_bytes() == b"two"
     assert parse_journal(journal(tmp_path).read_bytes()) == {"a.json": b"two"}
-    assert io.list("") == ["t/a.json"]
+    io.delete("t/a.json")
+    assert not (tmp_path / "t").exists()
 
 
-def test_sync_checkpoints_and_removes_the_journal(tmp_path: Path) -> None:
+def test_deferred_writes_are_read_back_before_any_file_exists(tmp_path: Path) -> None:
     io = LocalTaskIO(tmp_path)
+    io.defer_publication("t/")
     io.write("t/a.json", b"one")
+    io.write("t/a.json", b"two")
+    assert not (tmp_path / "t" / "a.json").exists()  # published at the checkpoint
+    assert parse_journal(journal(tmp_path).read_bytes()) == {"a.json": b"two"}
+    assert io.read("t/a.json") == b"two"
+    assert io.list("") == ["t/a.json"]
+    other = LocalTaskIO(tmp_path)  # another process reads through the journal too
+    assert other.read("t/a.json") == b"two"
+    assert other.read_many_versioned(["t/a.json", "t/b.json"]) == io.read_many_versioned(
+        ["t/a.json"]
+    )
+
+
+def test_sync_publishes_plain_files_and_removes_the_journal(tmp_path: Path) -> None:
+    io = LocalTaskIO(tmp_path)
+    io.defer_publication("t/")
+    io.write("t/a.json", b"one")
+    io.write("t/b.json", b"two")
+    version = io.read_versioned("t/a.json")[1]
+    io.delete("t/b.json")
     io.sync("t/")
     io.flush()
     assert not journal(tmp_path).exists()
-    assert io.read("t/a.json") == b"one"
+    assert (tmp_path / "t" / "a.json").read_bytes() == b"one"
+    assert not (tmp_path / "t" / "b.json").exists()
+    assert io.read_versioned("t/a.json") == (b"one", version), "versions survive a checkpoint"
+    assert sorted(p.name for p in (tmp_path / "t").iterdir()) == ["a.json"]
 
 
-def test_a_lost_rename_is_replayed_by_the_next_process(tmp_path: Path) -> None:
-    LocalTaskIO(tmp_path).write("t/a.json", b"committed")
-    # As after a power cut: the journaled bytes are durable, the rename is not.
-    (tmp_path / "t" / "a.json").write_bytes(b"")
-    fresh = LocalTaskIO(tmp_path)  # a new process knows nothing of the directory
+def test_writes_of_other_processes_are_seen_and_cas_is_shared(tmp_path: Path) -> None:
+    first, second = LocalTaskIO(tmp_path), LocalTaskIO(tmp_path)
+    v1 = first.write_if("t/a.json", b"one", None)
+    data, version = second.read_versioned("t/a.json")
+    assert (data, version) == (b"one", v1)
+    v2 = second.write_if("t/a.json", b"two", v1)
+    with pytest.raises(VersionConflict):
+        first.write_if("t/a.json", b"stale", v1)
+    assert first.read_versioned("t/a.json") == (b"two", v2)
+    second.delete_if("t/a.json", v2)
+    assert not first.exists("t/a.json")
+    assert first.list("t/") == []
+
+
+def test_a_journal_left_by_a_crash_is_the_truth_for_the_next_process(tmp_path: Path) -> None:
+    io = LocalTaskIO(tmp_path)
+    io.write("t/a.json", b"old")
+    io.sync("t/")
+    io.flush()
+    io.defer_publication("t/")
+    io.write("t/a.json", b"committed")
+    io.write("t/b.json", b"new")
+    io.delete("t/c.json")
+    # As after a crash: the journal is durable, nothing was published.
+    fresh = LocalTaskIO(tmp_path)
+    assert (tmp_path / "t" / "a.json").read_bytes() == b"old"
     assert fresh.read("t/a.json") == b"committed"
-    assert not journal(tmp_path).exists()  # recovery checkpointed it
+    assert fresh.list("t/") == ["t/a.json", "t/b.json"]
+    fresh.sync("t/")
+    fresh.flush()
+    assert (tmp_path / "t" / "a.json").read_bytes() == b"committed"
+    assert not journal(tmp_path).exists()
 
 
-def test_a_lost_delete_is_replayed(tmp_path: Path) -> None:
+def test_a_delete_is_kept_until_the_checkpoint(tmp_path: Path) -> None:
     io = LocalTaskIO(tmp_path)
     io.write("t/a.json", b"x")
     io.write("t/b.json", b"y")
+    io.sync("t/")
+    io.flush()
+    io.defer_publication("t/")
     io.delete("t/a.json")
-    (tmp_path / "t" / "a.json").write_bytes(b"x")  # the unlink was lost
+    assert (tmp_path / "t" / "a.json").exists()  # unlinked by the checkpoint
     assert LocalTaskIO(tmp_path).list("t/") == ["t/b.json"]
+    assert not LocalTaskIO(tmp_path).exists("t/a.json")
 
 
 @pytest.mark.parametrize("live", [True, False])
@@ -59,7 +112,7 @@ def test_a_torn_record_is_cut_before_new_records_are_appended(tmp_path: Path, li
     writer = LocalTaskIO(tmp_path)
     writer.write("t/a.json", b"first")
     with journal(tmp_path).open("ab") as handle:
-        handle.write(b"CMJ1\x00\x00")  # another writer died in the middle of an append
+        handle.write(b"CMJ2\x00\x00")  # another writer died in the middle of an append
     # A writer that already has the journal open (live), or one that opens it anew.
     (writer if live else LocalTaskIO(tmp_path)).write("t/b.json", b"second")
     records = parse_journal(journal(tmp_path).read_bytes())

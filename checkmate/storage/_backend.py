@@ -127,6 +127,13 @@ class Backend:
         """Nothing to do: every write is already in its final, durable form."""
         del prefix
 
+    def flush(self) -> None:
+        """Nothing to wait for."""
+
+    def defer(self, prefix: str) -> None:
+        """Nothing to defer: every write is already in its final form."""
+        del prefix
+
 
 def _check(path: str, version: str | None, current: bytes | None) -> None:
     if version is None:
@@ -301,14 +308,13 @@ class LocalFileBackend(Backend):
         return [self._prefix + name for name in names]
 
     def read_many(self, paths: Sequence[str]) -> dict[str, bytes]:
-        """Read files one after another (local reads are cheap)."""
-        found = {}
-        for path in paths:
-            try:
-                found[path] = self.read(path)
-            except FileNotFoundError:
-                continue
-        return found
+        """Read files (one directory lock per directory)."""
+        return {p: got[0] for p, got in self.read_many_versioned(paths).items()}
+
+    def read_many_versioned(self, paths: Sequence[str]) -> dict[str, tuple[bytes, str]]:
+        """Read files with their versions (one directory lock per directory)."""
+        names = {self._name(p): p for p in paths}
+        return {names[n]: got for n, got in self.files.read_many_versioned(list(names)).items()}
 
     def write_if(self, path: str, data: bytes, version: str | None) -> str:
         """Compare-and-swap under the directory lock."""
@@ -328,5 +334,13 @@ class LocalFileBackend(Backend):
         return self.files.sweep(prefix)
 
     def sync(self, prefix: str) -> None:
-        """Checkpoint the journals below ``prefix``."""
+        """Checkpoint the journals below ``prefix`` (on a background thread)."""
         self.files.sync(prefix)
+
+    def flush(self) -> None:
+        """Wait for background checkpoints."""
+        self.files.flush()
+
+    def defer(self, prefix: str) -> None:
+        """Keep writes below ``prefix`` in the journal until `sync`."""
+        self.files.defer(prefix)

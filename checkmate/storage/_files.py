@@ -119,8 +119,12 @@ def fsync_file(path: Path) -> None:
         os.close(fd)
 
 
-def publish(path: Path, data: bytes) -> None:
-    """Replace ``path`` atomically (temp file + rename) without forcing it to disk."""
+def publish(path: Path, data: bytes, durable: bool = False) -> None:
+    """Replace ``path`` atomically (temp file + rename).
+
+    With ``durable`` the temp file is fsynced before the rename (the caller
+    fsyncs the directory); otherwise nothing is forced to disk.
+    """
     for attempt in range(_MAKEDIRS_TRIES):
         tmp = _temp_path(path)
         try:
@@ -134,6 +138,8 @@ def publish(path: Path, data: bytes) -> None:
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view) :]
+            if durable:
+                os.fsync(fd)
         except BaseException:
             os.close(fd)
             tmp.unlink(missing_ok=True)

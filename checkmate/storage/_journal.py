@@ -1,30 +1,45 @@
-"""A write-ahead journal per directory: durable local writes without the cost of renames.
+"""A write-ahead journal per directory: a durable write is one append + fsync.
 
-On this kind of disk, fsync is cheap (tens of microseconds) but renaming over,
-or deleting, a file whose blocks are already on disk costs about a millisecond.
-So every write to a directory does this, under an exclusive lock of the
-directory (flock across processes, a mutex across threads):
+On this kind of disk, fsync is cheap (tens of microseconds) but creating a
+file, renaming over one, or deleting one whose blocks are already on disk
+costs far more. So a write to a directory only does this, under an exclusive
+lock of the directory (flock across processes, a mutex across threads):
 
-1. append one record (the object's name and full new bytes, with a CRC) to the
-   directory's journal file ``.checkmate-journal`` and fsync it: from here on
-   the write survives a crash or a power cut;
-2. publish the bytes with a temp file and an atomic rename, without fsync: a
-   reader sees the old or the new bytes, never a mix, and the old file was
-   never fsynced, so replacing it is cheap.
+- append one record (the object's name, its full new bytes, the bytes'
+  SHA-256, a CRC of the header) to the directory's journal file
+  ``.checkmate-journal`` and fsync it. From here on the write survives a
+  crash or a power cut.
 
-A checkpoint fsyncs every file the journal names, then the directory, then
-deletes the journal. It runs when the journal grows past a size, when the
-engine unbinds a task (`TaskIO.sync`), and as recovery: the first time a
-process touches a directory that has a journal, it replays it under the lock
-(rewriting, durably, every object whose bytes differ from the journal's last
-record for it: after a power cut those renames may be lost), then checkpoints.
-Replaying is idempotent; a torn record at the journal's end (a crash in the
-middle of an append) is ignored, and that write had not returned.
+The journal *is* the newest version of every object it names: reads take the
+directory lock shared and look in the journal first (each process keeps an
+index of name -> last record, and parses only what other processes appended
+since it last looked), then in the plain file.
+
+Each write is also published at once as a plain file (temp file + rename, not
+fsynced), except in directories whose publication is *deferred*: the engine
+defers its task's directory while it holds the task, and syncs it at unbind.
+
+A **checkpoint** publishes the journal into plain files and deletes it: each
+object's newest bytes go to a temp file that is fsynced and renamed into
+place (a delete unlinks the file), then the directory is fsynced, and only
+then is the journal unlinked. A crash in the middle leaves the journal, which
+still holds the truth, and the next checkpoint publishes it again. It runs
+when the engine unbinds a task (`TaskIO.sync`, on a background thread), when
+the journal grows past a size, and when the last object of a directory is
+deleted. A torn record at the journal's end (a crash in the middle of an
+append, whose write had not returned) fails its checks and is ignored by
+readers and cut off by the next writer.
+
+Versions are content hashes, as on every other local store: the record
+carries the hash of its bytes, so a compare-and-swap needs no read and no
+hashing of the current object.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import hashlib
 import logging
 import os
 import struct
@@ -34,59 +49,87 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from ..errors import VersionConflict
 from . import _files
+from .base import content_version
 
 try:
     import fcntl
 except ImportError:  # pragma: no cover - Windows
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["ANY", "JOURNAL_NAME", "JournaledDirectories", "parse_journal"]
+__all__ = ["ANY", "JOURNAL_NAME", "JournaledDirectories", "flush_all", "parse_journal"]
 
 logger = logging.getLogger(__name__)
 
 JOURNAL_NAME = _files.JOURNAL_NAME
-_MAGIC = b"CMJ1"
-_HEADER = struct.Struct(">4sIIHB")  # magic, data length, crc32, name length, op
+_MAGIC = b"CMJ2"
+# magic, data length, name length, op, SHA-256 of the data (16 bytes), CRC-32 of
+# the preceding header fields and the name.
+_HEAD = struct.Struct(">4sIHB16s")
+_CRC = struct.Struct(">I")
+_HEADER_SIZE = _HEAD.size + _CRC.size
 _WRITE, _DELETE = 0, 1
-_CHECKPOINT_BYTES = 4 * 2**20
+_CHECKPOINT_BYTES = 64 * 2**20
 _MAX_OPEN_DIRS = 64
 
 
-def _record(op: int, name: str, data: bytes) -> bytes:
+def _digest(data: bytes) -> bytes:
+    return hashlib.sha256(data).digest()[:16]
+
+
+def _record(op: int, name: str, data: bytes, digest: bytes) -> bytes:
     raw_name = name.encode()
-    crc = zlib.crc32(data, zlib.crc32(raw_name, op))
-    return _HEADER.pack(_MAGIC, len(data), crc, len(raw_name), op) + raw_name + data
+    head = _HEAD.pack(_MAGIC, len(data), len(raw_name), op, digest)
+    crc = zlib.crc32(raw_name, zlib.crc32(head))
+    return b"".join((head, _CRC.pack(crc), raw_name, data))
 
 
-def parse_journal(blob: bytes) -> dict[str, bytes | None]:
-    """Return the last record of each name (None: deleted); stop at a torn record."""
-    return _scan(blob)[0]
+class _Entry(NamedTuple):
+    """The newest journal record of one object."""
+
+    op: int
+    offset: int  # of the data, in the journal file
+    size: int
+    version: str
 
 
-def _valid_length(blob: bytes) -> int:
-    """How many leading bytes of a journal hold whole, valid records."""
-    return _scan(blob)[1]
-
-
-def _scan(blob: bytes) -> tuple[dict[str, bytes | None], int]:
-    last: dict[str, bytes | None] = {}
+def _scan(blob: bytes, base: int = 0) -> tuple[dict[str, _Entry], int]:
+    """Index the whole, valid records of ``blob``; return the index and its valid length."""
+    index: dict[str, _Entry] = {}
     offset = 0
-    while offset + _HEADER.size <= len(blob):
-        magic, size, crc, name_len, op = _HEADER.unpack_from(blob, offset)
-        start = offset + _HEADER.size
+    while offset + _HEADER_SIZE <= len(blob):
+        magic, size, name_len, op, digest = _HEAD.unpack_from(blob, offset)
+        (crc,) = _CRC.unpack_from(blob, offset + _HEAD.size)
+        start = offset + _HEADER_SIZE
         end = start + name_len + size
         if magic != _MAGIC or end > len(blob) or op not in (_WRITE, _DELETE):
             break
         raw_name = blob[start : start + name_len]
-        data = blob[start + name_len : end]
-        if zlib.crc32(data, zlib.crc32(raw_name, op)) != crc:
+        head = blob[offset : offset + _HEAD.size]
+        if zlib.crc32(raw_name, zlib.crc32(head)) != crc:
             break
-        last[raw_name.decode()] = data if op == _WRITE else None
+        data = blob[start + name_len : end]
+        if op == _WRITE and _digest(data) != digest:
+            break
+        try:
+            name = raw_name.decode()
+        except UnicodeDecodeError:
+            break
+        index[name] = _Entry(op, base + start + name_len, size, digest.hex())
         offset = end
-    return last, offset
+    return index, offset
+
+
+def parse_journal(blob: bytes) -> dict[str, bytes | None]:
+    """Return the last record of each name (None: deleted); stop at a torn record."""
+    index, _ = _scan(blob)
+    return {
+        name: None if e.op == _DELETE else blob[e.offset : e.offset + e.size]
+        for name, e in index.items()
+    }
 
 
 class _Any:
@@ -101,26 +144,29 @@ class _Dir:
     """What this process knows about one directory."""
 
     mutex: threading.Lock = field(default_factory=threading.Lock)
-    recovered: bool = False
     dir_fd: int = -1
     journal_fd: int = -1
     journal_ino: int = -1
-    journal_size: int = 0
-    named: set[str] = field(default_factory=set)
+    indexed: int = 0  # journal bytes parsed into ``index``
+    index: dict[str, _Entry] = field(default_factory=dict)
 
 
 class JournaledDirectories:
-    """Journaled, crash-safe writes to files below one root directory (POSIX only)."""
+    """Journaled, crash-safe objects as files below one root directory (POSIX only)."""
 
     def __init__(self, root: Path) -> None:
         assert fcntl is not None
         self.root = root
         self._dirs: dict[Path, _Dir] = {}
         self._guard = threading.Lock()
-        # Close every descriptor when the store object goes away.
-        weakref.finalize(self, _close_all, self._dirs)
+        # Close every descriptor when the store object goes away; not at exit, where
+        # a checkpoint may still be using them (`flush_all` waits for it, and the
+        # process's end closes them).
+        weakref.finalize(self, _close_all, self._dirs).atexit = False
         self._pending: list[Path] = []
         self._worker: threading.Thread | None = None
+        self._deferred: set[Path] = set()
+        _LIVE.add(self)
 
     def _state(self, directory: Path) -> _Dir:
         with self._guard:
@@ -137,17 +183,17 @@ class JournaledDirectories:
             if not state.mutex.acquire(blocking=False):
                 continue  # in use right now
             try:
-                self._close_journal(state)
-                if state.dir_fd >= 0:
-                    os.close(state.dir_fd)
-                    state.dir_fd = -1
+                _close_all({directory: state})
                 del self._dirs[directory]
             finally:
                 state.mutex.release()
 
     @contextlib.contextmanager
-    def _locked(self, directory: Path, create: bool) -> Iterator[_Dir]:
-        """Hold the directory's mutex and flock; recover its journal on first use."""
+    def _locked(self, directory: Path, create: bool, shared: bool = False) -> Iterator[_Dir]:
+        """Hold the directory's mutex and flock, with the journal's index up to date.
+
+        Without ``create``, a missing directory yields a state with no journal.
+        """
         state = self._state(directory)
         with state.mutex:
             while True:
@@ -157,25 +203,25 @@ class JournaledDirectories:
                 if fd < 0:
                     try:
                         fd = os.open(directory, os.O_RDONLY)
-                    except FileNotFoundError:
+                    except (FileNotFoundError, NotADirectoryError):
                         if not create:
+                            _close_journal(state)
                             yield state
                             return
                         continue
                     state.dir_fd = fd
-                fcntl.flock(fd, fcntl.LOCK_EX)
+                fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
                 try:
                     same = os.stat(directory).st_ino == os.fstat(fd).st_ino
-                except FileNotFoundError:
+                except (FileNotFoundError, NotADirectoryError):
                     same = False
                 if not same:  # pruned (and maybe recreated) meanwhile: lock the new one
                     os.close(fd)  # releases the flock
                     state.dir_fd = -1
-                    self._close_journal(state)
+                    _close_journal(state)
                     continue
                 try:
-                    if not state.recovered:
-                        self._recover(directory, state)
+                    self._refresh(directory, state, exclusive=not shared)
                     yield state
                     return
                 finally:
@@ -183,131 +229,155 @@ class JournaledDirectories:
 
     # ------------------------------------------------------------------ journal
 
-    def _journal_path(self, directory: Path) -> Path:
-        return directory / JOURNAL_NAME
-
-    def _journal(self, directory: Path, state: _Dir) -> int:
-        """The open journal of the directory, (re)opened if another process retired it."""
-        path = self._journal_path(directory)
-        try:
-            ino = os.stat(path).st_ino
-        except FileNotFoundError:
-            ino = -1
-        if state.journal_fd >= 0 and ino == state.journal_ino:
-            return state.journal_fd
-        self._close_journal(state)
-        state.named.clear()  # whoever retired the journal made those files durable
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
-        info = os.fstat(fd)
-        if ino != info.st_ino:
-            _files.fsync_dir(directory)  # the new journal's name must survive a crash
-        elif info.st_size:
-            # A writer that died in the middle of an append may have left a torn
-            # record: cut it off, or every record after it would be unreadable.
-            valid = _valid_length(path.read_bytes())
-            if valid < info.st_size:
-                os.ftruncate(fd, valid)
-                os.fsync(fd)
-                info = os.fstat(fd)
-        state.journal_fd, state.journal_ino, state.journal_size = fd, info.st_ino, info.st_size
-        return fd
-
     @staticmethod
-    def _close_journal(state: _Dir) -> None:
-        if state.journal_fd >= 0:
-            os.close(state.journal_fd)
-        state.journal_fd, state.journal_ino, state.journal_size = -1, -1, 0
+    def _refresh(directory: Path, state: _Dir, exclusive: bool) -> None:
+        """Bring the index up to date with the journal on disk (under the flock)."""
+        path = directory / JOURNAL_NAME
+        try:
+            info = os.stat(path)
+        except FileNotFoundError:
+            _close_journal(state)  # checkpointed (or never written)
+            return
+        if state.journal_fd < 0 or info.st_ino != state.journal_ino:
+            _close_journal(state)
+            state.journal_fd = os.open(path, os.O_RDWR | os.O_APPEND)
+            state.journal_ino = info.st_ino
+        if info.st_size < state.indexed:  # cannot happen under the flock; start over
+            state.index.clear()
+            state.indexed = 0
+        if info.st_size == state.indexed:
+            return
+        tail = os.pread(state.journal_fd, info.st_size - state.indexed, state.indexed)
+        found, valid = _scan(tail, state.indexed)
+        state.index.update(found)
+        state.indexed += valid
+        if exclusive and state.indexed < info.st_size:
+            # A writer that died in the middle of an append left a torn record:
+            # cut it off, or every record after it would be unreadable.
+            os.ftruncate(state.journal_fd, state.indexed)
+            os.fsync(state.journal_fd)
 
-    def _append(self, directory: Path, state: _Dir, op: int, name: str, data: bytes) -> None:
-        fd = self._journal(directory, state)
-        size = os.fstat(fd).st_size
-        if size != state.journal_size:
-            # Other processes appended since our last record. A writer that died in
-            # the middle of an append leaves a torn record: cut it off first, or
-            # every record after it would be unreadable.
-            tail = os.pread(fd, size - state.journal_size, state.journal_size)
-            valid = state.journal_size + _valid_length(tail)
-            if valid < size:
-                os.ftruncate(fd, valid)
-                os.fsync(fd)
-            state.journal_size = valid
-        record = _record(op, name, data)
+    def _append(self, directory: Path, state: _Dir, op: int, name: str, data: bytes) -> str:
+        """Append one record and fsync it; return the object's new version."""
+        if state.journal_fd < 0:
+            path = directory / JOURNAL_NAME
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+            state.journal_fd, state.journal_ino = fd, os.fstat(fd).st_ino
+            state.indexed = 0
+            state.index.clear()
+            _files.fsync_dir(directory)  # the new journal's name must survive a crash
+        digest = _digest(data) if op == _WRITE else bytes(16)
+        record = _record(op, name, data, digest)
         view = memoryview(record)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-        state.journal_size += len(record)
-        state.named.add(name)
+        try:
+            while view:
+                view = view[os.write(state.journal_fd, view) :]
+            os.fsync(state.journal_fd)
+        except BaseException:
+            # Whatever landed is a torn record (or an unsynced one): cut it off.
+            with contextlib.suppress(OSError):
+                os.ftruncate(state.journal_fd, state.indexed)
+            raise
+        version = digest.hex()
+        offset = state.indexed + len(record) - len(data)
+        state.index[name] = _Entry(op, offset, len(data), version)
+        state.indexed += len(record)
+        return version
 
     def _checkpoint(self, directory: Path, state: _Dir) -> None:
-        """Make every file the journal names durable, then delete the journal."""
-        path = self._journal_path(directory)
-        if not path.exists():
-            self._close_journal(state)
+        """Publish the journal into plain, durable files, then delete it."""
+        if state.journal_fd < 0:
             return
-        names = set(state.named) | set(parse_journal(path.read_bytes()))
-        for name in names:
-            _files.fsync_file(directory / name)
-        _files.fsync_dir(directory)
-        path.unlink(missing_ok=True)
-        _files.fsync_dir(directory)
-        self._close_journal(state)
-        state.named.clear()
-
-    def _recover(self, directory: Path, state: _Dir) -> None:
-        state.recovered = True
-        path = self._journal_path(directory)
-        try:
-            blob = path.read_bytes()
-        except FileNotFoundError:
-            return
-        replayed = 0
-        for name, data in parse_journal(blob).items():
+        for name, entry in state.index.items():
             target = directory / name
-            current = _files.read_or_none(target)
-            if current == data:
-                continue
-            replayed += 1
-            if data is None:
-                target.unlink(missing_ok=True)
+            if entry.op == _DELETE:
+                with contextlib.suppress(FileNotFoundError, IsADirectoryError):
+                    target.unlink()
             else:
-                _files.atomic_write(target, data)
-        logger.info("replayed journal of %s (%d object(s) restored)", directory, replayed)
-        self._checkpoint(directory, state)
+                data = os.pread(state.journal_fd, entry.size, entry.offset)
+                _files.publish(target, data, durable=True)
+        _files.fsync_dir(directory)
+        (directory / JOURNAL_NAME).unlink(missing_ok=True)
+        _files.fsync_dir(directory)
+        _close_journal(state)
 
-    def _publish(
-        self, directory: Path, state: _Dir, path: Path, data: bytes, current: bytes | None
-    ) -> None:
-        """Journal, then rename into place; if the rename fails, journal the old bytes back."""
-        self._append(directory, state, _WRITE, path.name, data)
+    @staticmethod
+    def _live_names(directory: Path, state: _Dir) -> set[str]:
+        """The objects of the directory: plain files, overlaid with the journal."""
         try:
-            _files.publish(path, data)
-        except BaseException:
-            if current is None:
-                self._append(directory, state, _DELETE, path.name, b"")
+            names = {
+                entry.name
+                for entry in os.scandir(directory)
+                if not _files.is_temp_name(entry.name) and entry.is_file()
+            }
+        except FileNotFoundError:
+            names = set()
+        for name, entry in state.index.items():
+            if entry.op == _WRITE:
+                names.add(name)
             else:
-                self._append(directory, state, _WRITE, path.name, current)
-            raise
-        if state.journal_size > _CHECKPOINT_BYTES:
-            self._checkpoint(directory, state)
+                names.discard(name)
+        return names
+
+    @staticmethod
+    def _current(path: Path, state: _Dir) -> tuple[bytes | None, str | None]:
+        """The object's bytes and version; (None, None) if absent."""
+        entry = state.index.get(path.name)
+        if entry is None:
+            data = _files.read_or_none(path)
+            return data, None if data is None else content_version(data)
+        if entry.op == _DELETE:
+            return None, None
+        return os.pread(state.journal_fd, entry.size, entry.offset), entry.version
+
+    @staticmethod
+    def _current_version(path: Path, state: _Dir) -> str | None:
+        entry = state.index.get(path.name)
+        if entry is not None:
+            return None if entry.op == _DELETE else entry.version
+        return JournaledDirectories._current(path, state)[1]
 
     # ------------------------------------------------------------------ operations
 
-    def recover(self, directory: Path) -> None:
-        """Replay the directory's journal, if any, the first time this process looks at it."""
-        state = self._state(directory)
-        if state.recovered:
-            return
-        if not self._journal_path(directory).exists():
-            state.recovered = True
-            return
-        with self._locked(directory, create=False):
-            pass
+    def read_versioned(self, path: Path) -> tuple[bytes, str]:
+        """The object's newest bytes and version (FileNotFoundError if absent)."""
+        with self._locked(path.parent, create=False, shared=True) as state:
+            data, version = self._current(path, state)
+        if data is None or version is None:
+            raise FileNotFoundError(str(path))
+        return data, version
 
-    def write(self, path: Path, data: bytes, version: str | _Any | None = ANY) -> None:
-        """Journal and publish ``data`` at ``path``.
+    def read_many_versioned(self, paths: list[Path]) -> dict[Path, tuple[bytes, str]]:
+        """Several objects' bytes and versions, one lock per directory; missing ones left out."""
+        found: dict[Path, tuple[bytes, str]] = {}
+        by_dir: dict[Path, list[Path]] = {}
+        for path in paths:
+            by_dir.setdefault(path.parent, []).append(path)
+        for directory, members in by_dir.items():
+            with self._locked(directory, create=False, shared=True) as state:
+                for path in members:
+                    data, version = self._current(path, state)
+                    if data is not None and version is not None:
+                        found[path] = (data, version)
+        return found
 
-        With a ``version``, only if the file's content version is that (None:
+    def exists(self, path: Path) -> bool:
+        """Tell whether the object exists."""
+        with self._locked(path.parent, create=False, shared=True) as state:
+            entry = state.index.get(path.name)
+            if entry is not None:
+                return entry.op == _WRITE
+            return path.is_file()
+
+    def names(self, directory: Path) -> set[str]:
+        """The object names of a directory: its files, overlaid with its journal."""
+        with self._locked(directory, create=False, shared=True) as state:
+            return self._live_names(directory, state)
+
+    def write(self, path: Path, data: bytes, version: str | _Any | None = ANY) -> str:
+        """Journal ``data`` as the object's newest bytes; return its version.
+
+        With a ``version``, only if the object's current version is that (None:
         only if absent); otherwise `VersionConflict`.
         """
         directory = path.parent
@@ -316,41 +386,71 @@ class JournaledDirectories:
                 if version is None:
                     raise VersionConflict(f"{path} is a directory", obj_name=path.name)
                 raise IsADirectoryError(str(path))
-            current = _files.read_or_none(path)
             if not isinstance(version, _Any):
-                _files.check_version(path, version, current)
-            self._publish(directory, state, path, data, current)
+                current = self._current_version(path, state)
+                if version is None and current is not None:
+                    raise VersionConflict(f"{path} already exists", obj_name=path.name)
+                if version is not None and current is None:
+                    raise VersionConflict(f"{path} does not exist", obj_name=path.name)
+                if current != version:
+                    raise VersionConflict(f"{path} has changed", obj_name=path.name)
+            new_version = self._append(directory, state, _WRITE, path.name, data)
+            if directory not in self._deferred:
+                _files.publish(path, data)  # a plain file at once; durable at the checkpoint
+                _PUBLISHED[directory] = self.root
+            if state.indexed > _CHECKPOINT_BYTES:
+                self._checkpoint(directory, state)
+            return new_version
 
     def create(self, path: Path, data: bytes) -> bool:
         """Create ``path`` if absent (checked under the lock); False if it exists."""
-        directory = path.parent
-        with self._locked(directory, create=True) as state:
-            if path.exists():
-                return False
-            self._publish(directory, state, path, data, None)
-            return True
+        try:
+            self.write(path, data, None)
+        except VersionConflict:
+            return False
+        return True
 
     def delete(self, path: Path, version: str | None = None) -> None:
-        """Journal and delete ``path`` (if ``version`` is given, only if it matches)."""
+        """Journal the object's deletion (if ``version`` is given, only if it matches).
+
+        When no object is left in the directory, the journal is checkpointed at
+        once, so the directory is removed with its last object.
+        """
         directory = path.parent
         with self._locked(directory, create=False) as state:
-            current = _files.read_or_none(path)
-            if version is not None:
-                _files.check_version(path, version, current)
+            current = self._current_version(path, state)
+            if version is not None and current != version:
+                raise VersionConflict(
+                    f"{path} {'does not exist' if current is None else 'has changed'}",
+                    obj_name=path.name,
+                )
             if current is None:
                 return
             self._append(directory, state, _DELETE, path.name, b"")
-            path.unlink(missing_ok=True)
-            if _only_journal_left(directory):
+            if directory not in self._deferred:
+                with contextlib.suppress(FileNotFoundError, IsADirectoryError):
+                    path.unlink()
+                _PUBLISHED[directory] = self.root
+            if not self._live_names(directory, state):
                 self._checkpoint(directory, state)
         _files.prune_empty_dirs(directory, self.root)
+
+    def defer(self, directory: Path) -> None:
+        """Journal writes to ``directory`` without publishing them, until it is synced."""
+        with self._guard:
+            self._deferred.add(directory)
 
     def sync(self, directory: Path, wait: bool = True) -> None:
         """Checkpoint the directory and every directory below it.
 
         With ``wait=False`` the checkpoint runs on a background thread: every
-        write is durable already, so nobody needs to wait for it.
+        write is durable already, so nobody needs to wait for it. Writes to
+        those directories are published at once again from now on.
         """
+        with self._guard:
+            self._deferred = {
+                d for d in self._deferred if d != directory and directory not in d.parents
+            }
         if not directory.is_dir():
             return
         found = [Path(p) for p, _dirs, files in os.walk(directory) if JOURNAL_NAME in files]
@@ -367,6 +467,7 @@ class JournaledDirectories:
                 self._worker.start()
 
     def _checkpoint_now(self, directory: Path) -> None:
+        _PUBLISHED.pop(directory, None)
         with self._locked(directory, create=False) as state:
             self._checkpoint(directory, state)
         self._forget(directory)
@@ -393,7 +494,7 @@ class JournaledDirectories:
                 directory = self._pending.pop(0)
             try:
                 self._checkpoint_now(directory)
-            except OSError as exc:  # the journal stays; the next access replays it
+            except OSError as exc:  # the journal stays, and still holds the truth
                 logger.warning("could not checkpoint the journal of %s: %r", directory, exc)
 
     def flush(self) -> None:
@@ -403,17 +504,46 @@ class JournaledDirectories:
             worker.join()
 
 
+_LIVE: weakref.WeakSet[JournaledDirectories] = weakref.WeakSet()
+# Directories whose journal holds writes that were published at once (outside
+# a task's deferral), with their store's root: checkpointed at exit.
+_PUBLISHED: dict[Path, Path] = {}
+
+
+@atexit.register
+def flush_all() -> None:
+    """Finish this process's checkpoints (run at interpreter exit).
+
+    Checkpoints the directories written outside a task's deferral and waits
+    for the background ones. Without it, a journal stays beside those files
+    (it still holds the truth, and any later checkpoint folds it in) and a
+    checkpoint cut short would leave temp files (removed by the next bind).
+    """
+    for journaled in list(_LIVE):
+        journaled.flush()
+    pending = dict(_PUBLISHED)
+    _PUBLISHED.clear()
+    stores: dict[Path, JournaledDirectories] = {}
+    for directory, root in pending.items():
+        store = stores.setdefault(root, JournaledDirectories(root))
+        try:
+            store._checkpoint_now(directory)
+        except OSError as exc:  # the journal stays, and still holds the truth
+            logger.warning("could not checkpoint the journal of %s: %r", directory, exc)
+
+
+def _close_journal(state: _Dir) -> None:
+    if state.journal_fd >= 0:
+        with contextlib.suppress(OSError):
+            os.close(state.journal_fd)
+    state.journal_fd, state.journal_ino, state.indexed = -1, -1, 0
+    state.index.clear()
+
+
 def _close_all(dirs: dict[Path, _Dir]) -> None:
     for state in dirs.values():
-        for fd in (state.journal_fd, state.dir_fd):
-            if fd >= 0:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
-        state.journal_fd = state.dir_fd = -1
-
-
-def _only_journal_left(directory: Path) -> bool:
-    try:
-        return os.listdir(directory) in ([], [JOURNAL_NAME])
-    except FileNotFoundError:
-        return False
+        _close_journal(state)
+        if state.dir_fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(state.dir_fd)
+        state.dir_fd = -1

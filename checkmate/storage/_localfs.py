@@ -9,6 +9,7 @@ rename and directory fsync, and compare-and-swap is not offered.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 from . import _files
@@ -32,15 +33,27 @@ class LocalFiles:
 
     def read(self, name: str) -> bytes:
         """The object's bytes (FileNotFoundError if absent)."""
-        path = self.path(name)
-        if self._journal is not None:
-            self._journal.recover(path.parent)
-        return _files.read_file(path)
+        return self.read_versioned(name)[0]
 
     def read_versioned(self, name: str) -> tuple[bytes, str]:
         """The object's bytes and content version."""
-        data = self.read(name)
+        path = self.path(name)
+        if self._journal is not None:
+            return self._journal.read_versioned(path)
+        data = _files.read_file(path)
         return data, content_version(data)
+
+    def read_many_versioned(self, names: list[str]) -> dict[str, tuple[bytes, str]]:
+        """Several objects with their versions; missing ones are left out."""
+        if self._journal is None:
+            found: dict[str, tuple[bytes, str]] = {}
+            for name in names:
+                data = _files.read_or_none(self.path(name))
+                if data is not None:
+                    found[name] = (data, content_version(data))
+            return found
+        paths = {self.path(name): name for name in names}
+        return {paths[p]: got for p, got in self._journal.read_many_versioned(list(paths)).items()}
 
     def write(self, name: str, data: bytes) -> None:
         """Durable, atomic replace."""
@@ -58,8 +71,7 @@ class LocalFiles:
     def write_if(self, name: str, data: bytes, version: str | None) -> str:
         """Compare-and-swap on the content version (journaled only)."""
         assert self._journal is not None
-        self._journal.write(self.path(name), data, version)
-        return content_version(data)
+        return self._journal.write(self.path(name), data, version)
 
     def delete(self, name: str) -> None:
         """Delete if present, pruning directories left empty."""
@@ -77,18 +89,30 @@ class LocalFiles:
         """Tell whether the object exists."""
         path = self.path(name)
         if self._journal is not None:
-            self._journal.recover(path.parent)
+            return self._journal.exists(path)
         return path.is_file()
 
     def list(self, prefix: str) -> list[str]:
-        """Sorted names starting with ``prefix`` (recovering journaled directories first)."""
-        if self._journal is not None:
-            start = _files.start_dir(self.root, prefix)
-            if start.is_dir():
-                for dirpath, _dirs, files in os.walk(start):
-                    if _files.JOURNAL_NAME in files:
-                        self._journal.recover(Path(dirpath))
-        return _files.list_files(self.root, prefix)
+        """Sorted names starting with ``prefix`` (journaled directories overlaid)."""
+        if self._journal is None:
+            return _files.list_files(self.root, prefix)
+        start = _files.start_dir(self.root, prefix)
+        if not start.is_dir():
+            return []
+        names: list[str] = []
+        for dirpath, _dirs, files in os.walk(start):
+            directory = Path(dirpath)
+            rel = directory.relative_to(self.root).as_posix()
+            base = "" if rel == "." else rel + "/"
+            members: Iterable[str] = (
+                # A journal (or a checkpoint of one, racing this walk): ask under its lock.
+                self._journal.names(directory)
+                if _files.JOURNAL_NAME in files
+                else (f for f in files if not _files.is_temp_name(f))
+            )
+            names.extend(base + f for f in members if (base + f).startswith(prefix))
+        names.sort()
+        return names
 
     def sweep(self, prefix: str) -> int:
         """Remove temp files of dead writers below ``prefix``."""
@@ -102,6 +126,11 @@ class LocalFiles:
         """
         if self._journal is not None:
             self._journal.sync(_files.start_dir(self.root, prefix), wait=wait)
+
+    def defer(self, prefix: str) -> None:
+        """Publish writes below ``prefix`` only when they are synced (journaled only)."""
+        if self._journal is not None:
+            self._journal.defer(_files.start_dir(self.root, prefix))
 
     def flush(self) -> None:
         """Wait for background checkpoints."""

@@ -177,6 +177,16 @@ class TaskIO(ABC):
         del prefix
         return 0
 
+    def defer_publication(self, prefix: str) -> None:
+        """Allow objects below ``prefix`` to stay in a journal until `sync` is called for it.
+
+        A hint: reads through any TaskIO of the store see every write at once,
+        but a store that journals writes (like `LocalTaskIO`) may skip making
+        each one a plain file until ``sync(prefix)``. The engine calls it when it
+        binds a task and syncs at unbind. The default does nothing.
+        """
+        del prefix
+
     def sync(self, prefix: str) -> None:
         """Bring every write below ``prefix`` into its final, compact form.
 

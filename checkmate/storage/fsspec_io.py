@@ -179,6 +179,17 @@ class FsspecTaskIO(TaskIO):
         """On local files, delete temp files left by dead writers; elsewhere nothing."""
         return self._backend.sweep(prefix)
 
+    def defer_publication(self, prefix: str) -> None:
+        """On local files, keep writes below ``prefix`` in the journal until `sync`."""
+        self._backend.defer(prefix)
+
     def sync(self, prefix: str) -> None:
-        """On local files, checkpoint the journals below ``prefix``; elsewhere nothing."""
+        """On local files, checkpoint the journals below ``prefix``; elsewhere nothing.
+
+        The checkpoint runs on a background thread; `flush` waits for it.
+        """
         self._backend.sync(prefix)
+
+    def flush(self) -> None:
+        """Wait until every checkpoint started by `sync` is done (local files only)."""
+        self._backend.flush()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import builtins
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 from ..naming import check_obj_name
@@ -18,12 +19,13 @@ class LocalTaskIO(TaskIO):
 
     Every write is durable before it returns and atomic for readers. On POSIX
     systems a write appends the new bytes to a per-directory journal and
-    fsyncs it, then publishes them with an atomic rename; the journal is
-    checkpointed (the files fsynced, the journal deleted) when the engine
-    unbinds, and replayed after a crash. This keeps a durable checkpoint at
-    one append + fsync, where a rename over a file already on disk costs far
-    more. Compare-and-swap runs under an exclusive lock of the directory
-    (flock), so it is atomic between processes of one host.
+    fsyncs it; reads look in the journal first. The journal is checkpointed
+    into plain files (each fsynced and renamed into place, then the journal
+    deleted) when the engine unbinds, so a finished task is plain JSON files.
+    This keeps a durable checkpoint at one append + fsync, where creating or
+    renaming files costs far more. Compare-and-swap runs under an exclusive
+    lock of the directory (flock), so it is atomic between processes of one
+    host.
 
     Args:
         root: The directory that holds all tasks (created on first write).
@@ -67,6 +69,10 @@ class LocalTaskIO(TaskIO):
         """Return the object's bytes and content version."""
         return self._files.read_versioned(self._name(obj_name))
 
+    def read_many_versioned(self, obj_names: Iterable[str]) -> dict[str, tuple[bytes, str]]:
+        """Read several objects with their versions (one directory lock per directory)."""
+        return self._files.read_many_versioned([self._name(n) for n in obj_names])
+
     def write(self, obj_name: str, data: bytes) -> None:
         """Atomically and durably create or replace the object."""
         self._files.write(self._name(obj_name), data)
@@ -103,6 +109,10 @@ class LocalTaskIO(TaskIO):
     def sweep(self, prefix: str) -> int:
         """Delete temp files left below ``prefix`` by dead writers; return how many."""
         return self._files.sweep(prefix)
+
+    def defer_publication(self, prefix: str) -> None:
+        """Keep writes below ``prefix`` in the journal only, until `sync` publishes them."""
+        self._files.defer(prefix)
 
     def sync(self, prefix: str) -> None:
         """Checkpoint the journals below ``prefix`` (files fsynced, journals deleted).

@@ -48,6 +48,7 @@ from checkmate import (  # noqa: E402
 )
 from checkmate.locking import LeaseRecord  # noqa: E402
 from checkmate.naming import lock_obj_name, stage_obj_name  # noqa: E402
+from checkmate.storage._journal import flush_all  # noqa: E402
 from checkmate.testing import MUTATIONS, CrashingTaskIO, WrappingTaskIO  # noqa: E402
 
 FULL = os.environ.get("CHECKMATE_RELIABILITY_FULL") == "1"
@@ -116,6 +117,7 @@ def _child_main(conn: Any, func: Callable[..., Any], args: tuple[Any, ...]) -> N
         conn.send(("error", traceback.format_exc()))
         conn.close()
         os._exit(1)
+    flush_all()  # what interpreter exit does (an atexit hook), which os._exit skips
     conn.send(("ok", value))
     conn.close()
     os._exit(0)
@@ -231,7 +233,9 @@ class Store:
 
 
 def temp_files(root: Path) -> list[str]:
-    """Every file below ``root`` whose name carries the temp-file marker."""
+    """Every file below ``root`` whose name carries the temp-file marker, once this
+    process's background checkpoints (which write temp files of their own) are done."""
+    flush_all()
     found = []
     for dirpath, _dirs, files in os.walk(root):
         found.extend(str(Path(dirpath) / f) for f in files if TEMP_MARKER in f)
