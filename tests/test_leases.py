@@ -52,7 +52,9 @@ from checkmate import (
     TaskEngineException,
     TaskIO,
 )
-from checkmate.lease import self_test
+from checkmate.lease import SELFTEST_INFIX, _ScratchMark, self_test
+from checkmate.lockrecord import LockOwner
+from checkmate.storage import LocalTaskIO
 from checkmate.locking import LeaseRecord
 from checkmate.testing import WrappingTaskIO
 
@@ -1013,10 +1015,6 @@ def test_self_test_removes_only_scratch_objects_of_dead_or_long_gone_writers(
     """A crash during the self-test leaves its scratch object; the next self-test on the
     store removes those of dead local processes and those older than an hour, and
     nothing else."""
-    from checkmate.lease import SELFTEST_INFIX, _ScratchMark
-    from checkmate.lockrecord import LockOwner
-    from checkmate.storage import LocalTaskIO
-
     gone = subprocess.run(
         [sys.executable, "-c", "import os; print(os.getpid())"],
         capture_output=True,
