@@ -53,9 +53,9 @@ from checkmate import (
     TaskIO,
 )
 from checkmate.lease import SELFTEST_INFIX, _ScratchMark, self_test
+from checkmate.locking import LeaseRecord
 from checkmate.lockrecord import LockOwner
 from checkmate.storage import LocalTaskIO
-from checkmate.locking import LeaseRecord
 from checkmate.testing import WrappingTaskIO
 
 _T = TypeVar("_T")
