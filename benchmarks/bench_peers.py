@@ -23,7 +23,11 @@ WORKER = PEERS_DIR / "cm_worker.py"
 
 # name -> (takes the resume scenario, note)
 CONTENDERS: dict[str, tuple[bool, str]] = {
-    "checkmate:local": (True, "LocalTaskIO: journal append + fsync per status change"),
+    "checkmate:local": (
+        True,
+        "LocalTaskIO: one journal append + fsync per stage (its RUNNING with the "
+        "previous COMPLETE)",
+    ),
     "checkmate:local_flush": (True, "same, and each run waits for the deferred checkpoint"),
     "checkmate:memory": (True, "FsspecTaskIO memory://: the engine's own cost, no disk"),
     "floor:fsync": (True, "2 x (temp file + fsync + replace) per step"),

@@ -29,32 +29,50 @@ WRITE_DESIGN = """## Write design
 Every status change must be durable before the engine goes on, and every
 stage's state must stay readable as its own JSON object. How each store does it:
 
-**Local disk (`LocalTaskIO`, `file://`).** On these disks an fsync is cheap but
-renaming over (or deleting) a file whose blocks are already on disk is not. So a
-write to a task directory, under an exclusive lock of that directory (flock
-across processes, a mutex across threads):
+**Local disk (`LocalTaskIO`, `file://`).** On these disks an fsync is cheap
+but creating, renaming over or deleting a file is not (and freeing the blocks
+of a file already on disk is worst). So a write to a task directory, under an
+exclusive lock of that directory (flock across processes, a mutex across
+threads), is one thing only: it appends a record (object name, full new bytes,
+SHA-256 of the bytes, CRC-32 of the header) to the directory's journal
+`.checkmate-journal` and fsyncs it. The write is durable when it returns.
 
-1. appends one record (object name, full new bytes, CRC-32) to the directory's
-   journal `.checkmate-journal` and fsyncs it: the write is now durable;
-2. publishes the bytes with a temp file and an atomic rename, *without* fsync:
-   readers see the old or the new object, never a mix, and the file replaced was
-   never forced to disk, so replacing it frees nothing on disk.
+The journal *is* the newest version of what it names: every read takes the
+directory lock shared and looks in the journal first (each process keeps an
+index of name -> last record and parses only what other processes appended
+since it last looked), then in the plain file. Versions for compare-and-swap
+(leases, fenced stage writes) are the content hashes carried in the records,
+so a fenced write needs no read and no hashing of the current object.
 
-When the engine unbinds, after releasing the lock, a background thread
-checkpoints the journal: it fsyncs every file the journal names, then the
-directory, then deletes the journal. The first time a process touches a
-directory that still has a journal (a crash or a power cut happened before the
-checkpoint), it replays it under the lock: every object whose bytes differ from
-the journal's last record for it is rewritten durably, then the journal is
-checkpointed. A torn record at the end of a journal (a writer died mid-append)
-is cut off before anything is appended after it. Compare-and-swap (leases,
-fenced stage writes) compares the object's content hash under the same lock.
+While the engine holds a task, its directory's publication is *deferred*: no
+per-write file at all. When the engine unbinds, after releasing the lock, a
+background thread **checkpoints** the journal: each object's newest bytes go
+to a temp file that is fsynced and renamed into place (deletes unlink), the
+directory is fsynced, and only then is the journal deleted. A finished task is
+plain JSON files again. Writes outside a bound task (a user writing their own
+objects through the TaskIO) are also published at once with a temp file and a
+rename (not fsynced; the journal holds the durable copy), and checkpointed at
+interpreter exit.
 
-Why it is crash-safe: a write returns only after its journal record is on
-disk; the journal is only deleted after every file it names is on disk; replay
-is idempotent. What you give up: after a power cut, until some process touches
-the directory, the raw files may be older than the journal (the CLI and the
-engine always replay first).
+Two writes that follow each other with no user code in between share one
+append + fsync (`TaskIO.write_many_if`): a new task's CREATED objects are
+written as one batch at bind, and a stage's COMPLETE goes out together with the
+next stage's RUNNING (or with whatever the engine writes next; before
+`execute()` returns or raises it is written on its own). Nothing observes the
+COMPLETE before that write: if the process dies first, it is as if it had died
+just before the stage returned, and the stage runs again, as after any crash
+inside a stage. The state-update hook runs for each change only once it is
+durable.
+
+Why it is crash-safe: a write returns only after its record is on disk; a
+reader always sees the journal's newest record; the journal is deleted only
+after every file it names is on disk, so a crash in the middle of a checkpoint
+leaves the journal, which still holds the truth, and the next checkpoint
+publishes it again. A torn record at the end of a journal (a writer died
+mid-append) fails its checks: readers ignore it and the next writer cuts it
+off. What you give up: between a crash and the next bind of that task, the
+raw files in its directory may be older than the journal (the engine, the CLI
+and every TaskIO read the journal first).
 
 **Object stores (S3, GCS, Azure).** One PUT per status change, atomic by the
 store's own guarantee. Under a lease each PUT is conditional on the version the

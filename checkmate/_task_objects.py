@@ -8,8 +8,9 @@ under a lease), how to seal a taken-over task, and how to delete it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 from .codec import decode_state, encode_stage, meta_head, meta_prefix_from
@@ -37,6 +38,10 @@ _MAX_SEAL_TRIES = 10
 State = BaseStageState[Any]
 
 
+def _ignore(stage: BaseStage[Any]) -> None:
+    del stage
+
+
 class TaskObjects:
     """The objects of one task in one store, as seen by the engine that binds it."""
 
@@ -56,6 +61,10 @@ class TaskObjects:
         self.lock_name = lock_obj_name(task_id)
         self.lock: BindLock | None = None
         self.versions: dict[str, str] = {}
+        self._batch: list[tuple[int, BaseStage[Any], bytes]] | None = None
+        self._held: tuple[int, BaseStage[Any], bytes] | None = None
+        self.persisted: Callable[[BaseStage[Any]], None] = _ignore
+        """Called for each held or batched write once it has landed."""
         heads: dict[type, bytes] = {}
         for template in templates:
             if type(template) not in heads:
@@ -81,6 +90,7 @@ class TaskObjects:
         """End the bind."""
         self.lock = None
         self.versions = {}
+        self._held = None
 
     @property
     def fenced(self) -> bool:
@@ -154,14 +164,125 @@ class TaskObjects:
 
     # ------------------------------------------------------------------ writing
 
-    def write(self, position: int, stage: BaseStage[Any], create: bool = False) -> None:
+    @contextlib.contextmanager
+    def creating(self) -> Iterator[None]:
+        """Collect the creating writes made inside; write them together at the end.
+
+        On a store that can (the local journal), a new task's objects are then
+        made durable with one append + fsync. Nothing is written if the block
+        raises.
+        """
+        self._batch = []
+        try:
+            yield
+            batch = self._batch
+        finally:
+            self._batch = None
+        if batch:
+            self._create_many(batch)
+
+    def _create_many(self, batch: list[tuple[int, BaseStage[Any], bytes]]) -> None:
+        if not self.fenced or len(batch) == 1:
+            for position, stage, data in batch:
+                self._write_data(position, stage, data, create=True)
+                self.persisted(stage)
+            return
+        lock = self.lock
+        assert lock is not None
+        items = [(self.names[position], data, None) for position, _, data in batch]
+
+        def attempt() -> list[str]:
+            lock.check()
+            return self.io.write_many_if(items)
+
+        try:
+            versions = self.call("write", items[0][0], attempt)
+        except VersionConflict:
+            # Part of it landed on an earlier try (or another worker wrote):
+            # settle each object on its own, as single writes do.
+            for position, stage, data in batch:
+                self._write_data(position, stage, data, create=True)
+                self.persisted(stage)
+            return
+        for (name, _, _), version in zip(items, versions, strict=True):
+            self.versions[name] = version
+        for _, stage, _ in batch:
+            self.persisted(stage)
+
+    def write(
+        self, position: int, stage: BaseStage[Any], create: bool = False, hold: bool = False
+    ) -> bool:
         """Persist a stage; with ``create``, only if its object does not exist yet.
 
         Under a lease every write is fenced: it is refused once the lease is
         lost, and it is a compare-and-swap on the version this engine last
         wrote, so it fails if a new owner touched the object meanwhile.
+
+        With ``hold``, on a store that makes several writes durable at once
+        (`TaskIO.write_many_if` overridden, e.g. the local journal), the write
+        is kept until the next one and both go out together: one fsync instead
+        of two. The caller runs no user code in between, and calls
+        `flush_held` before it returns.
+
+        Returns:
+            True if the write landed; False if it is held or batched (``persisted``
+            is called for it when it lands).
         """
         data = encode_stage(stage, self.prefixes[position], self.task_id)
+        if create and self._batch is not None:
+            self._batch.append((position, stage, data))
+            return False
+        held, self._held = self._held, None
+        if held is not None and self.fenced and not create and held[0] != position:
+            self._write_pair(held, (position, stage, data))
+            return True
+        if held is not None:
+            self._write_data(*held, create=False)
+            self.persisted(held[1])
+        if hold and self._can_hold():
+            self._held = (position, stage, data)
+            return False
+        self._write_data(position, stage, data, create)
+        return True
+
+    def flush_held(self) -> None:
+        """Write the held write, if any."""
+        held, self._held = self._held, None
+        if held is not None:
+            self._write_data(*held, create=False)
+            self.persisted(held[1])
+
+    def _can_hold(self) -> bool:
+        return self.fenced and type(self.io).write_many_if is not TaskIO.write_many_if
+
+    def _write_pair(
+        self, first: tuple[int, BaseStage[Any], bytes], second: tuple[int, BaseStage[Any], bytes]
+    ) -> None:
+        lock = self.lock
+        assert lock is not None
+        names = [self.names[first[0]], self.names[second[0]]]
+        items = [
+            (names[0], first[2], self.versions.get(names[0])),
+            (names[1], second[2], self.versions.get(names[1])),
+        ]
+
+        def attempt() -> list[str]:
+            lock.check()
+            return self.io.write_many_if(items)
+
+        try:
+            versions = self.call("write", names[0], attempt)
+        except VersionConflict:
+            # An earlier try landed, or another worker took over: settle each write
+            # on its own, as single writes do.
+            self._write_data(*first, create=False)
+            self.persisted(first[1])
+            self._write_data(*second, create=False)
+            return
+        self.versions[names[0]], self.versions[names[1]] = versions
+        self.persisted(first[1])
+
+    def _write_data(self, position: int, stage: BaseStage[Any], data: bytes, create: bool) -> None:
         name = self.names[position]
         if self.fenced:
             self._fenced_write(name, data, None if create else self.versions.get(name))

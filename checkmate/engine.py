@@ -172,6 +172,8 @@ class CheckMateEngine(Generic[STAGE, STAGE_RESULT]):
         self._objects = TaskObjects(
             io, self.task_id, self.task_state.stage_templates, self.storage_retry
         )
+        # A held or batched write calls the hook once it has landed.
+        self._objects.persisted = self._persisted
         self._lock: BindLock | None = None
         self._bound = False
         self._keep_state = False
@@ -356,14 +358,33 @@ class CheckMateEngine(Generic[STAGE, STAGE_RESULT]):
         """Run one storage call with retries; a final failure becomes a StorageError."""
         return self._objects.call(action, obj_name, func, *args)
 
-    def _persist_stage(self, stage: BaseStage[Any], create: bool = False) -> None:
+    def _persist_stage(
+        self, stage: BaseStage[Any], create: bool = False, hold: bool = False
+    ) -> bool:
         """Write a stage's object (fenced under a lease); called by `BaseStage.update_status`.
 
+        With ``hold`` the write may wait for the next one, so that both become
+        durable together (see `TaskObjects.write`); `_flush_held` ends the wait.
         A write that fails may still have landed (the reply was lost): the next
         `execute` re-reads the task before it goes on.
+
+        Returns:
+            True if the write landed now; False if it is held or batched (then
+            `state_update_hook` is called when it lands).
         """
         try:
-            self._objects.write(self._positions[id(stage)], stage, create)
+            return self._objects.write(self._positions[id(stage)], stage, create, hold)
+        except BaseException:
+            self._unsynced = True
+            raise
+
+    def _persisted(self, stage: Any) -> None:
+        self.state_update_hook(stage)
+
+    def _flush_held(self) -> None:
+        """Write a held stage write now (before `execute` returns or raises)."""
+        try:
+            self._objects.flush_held()
         except BaseException:
             self._unsynced = True
             raise
@@ -457,9 +478,10 @@ class CheckMateEngine(Generic[STAGE, STAGE_RESULT]):
                 self._objects.seal(self._stages)
                 self._aggregate(self._stages)
             now = time.time()
-            for stage, state in zip(stages, states, strict=True):
-                if state is None:
-                    stage._record("stage created", _S.CREATED, now, now, create=True)
+            with self._objects.creating():
+                for stage, state in zip(stages, states, strict=True):
+                    if state is None:
+                        stage._record("stage created", _S.CREATED, now, now, create=True)
         except BaseException:
             for stage in stages:
                 stage._detach()
@@ -563,8 +585,14 @@ class CheckMateEngine(Generic[STAGE, STAGE_RESULT]):
         """
         if not self._bound:
             with self:
-                return self._execute(strict_recovery)
-        return self._execute(strict_recovery)
+                return self._execute_and_flush(strict_recovery)
+        return self._execute_and_flush(strict_recovery)
+
+    def _execute_and_flush(self, strict_recovery: bool) -> StageStatus:
+        try:
+            return self._execute(strict_recovery)
+        finally:
+            self._flush_held()
 
     def _execute(self, strict_recovery: bool) -> StageStatus:
         if self._unsynced:
@@ -712,7 +740,9 @@ class CheckMateEngine(Generic[STAGE, STAGE_RESULT]):
             if self._cancel_seen:  # it returned early, seeing the request
                 return False
             try:
-                stage._record(f"attempt {attempt} completed", _S.COMPLETE, begin)
+                # Held: the next stage's RUNNING (or whatever comes next) makes both
+                # durable with one write; nothing runs in between.
+                stage._record(f"attempt {attempt} completed", _S.COMPLETE, begin, hold=True)
             except StateSerializationError as exc:
                 last_error = exc
                 self._stage_failed(stage, exc, attempt, begin)

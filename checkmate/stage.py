@@ -272,6 +272,7 @@ class BaseStage(BaseModel, ABC, Generic[STAGE_STATE]):
         *,
         refund_attempt: bool = False,
         create: bool = False,
+        hold: bool = False,
     ) -> None:
         engine = self.engine
         state = self.state
@@ -301,7 +302,7 @@ class BaseStage(BaseModel, ABC, Generic[STAGE_STATE]):
         if refund_attempt:
             state.attempts = max(0, attempts - 1)
         try:
-            engine._persist_stage(self, create=create)
+            persisted = engine._persist_stage(self, create=create, hold=hold)
         except BaseException:
             state.history.pop()
             state.status = begin_status
@@ -315,4 +316,5 @@ class BaseStage(BaseModel, ABC, Generic[STAGE_STATE]):
             status,
             message,
         )
-        engine.state_update_hook(self)
+        if persisted:  # else the engine calls the hook once the write lands
+            engine.state_update_hook(self)

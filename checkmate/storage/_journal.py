@@ -259,6 +259,12 @@ class JournaledDirectories:
 
     def _append(self, directory: Path, state: _Dir, op: int, name: str, data: bytes) -> str:
         """Append one record and fsync it; return the object's new version."""
+        return self._append_many(directory, state, op, [(name, data)])[0]
+
+    def _append_many(
+        self, directory: Path, state: _Dir, op: int, items: list[tuple[str, bytes]]
+    ) -> list[str]:
+        """Append one record per item with a single write and fsync; return the versions."""
         if state.journal_fd < 0:
             path = directory / JOURNAL_NAME
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
@@ -266,9 +272,9 @@ class JournaledDirectories:
             state.indexed = 0
             state.index.clear()
             _files.fsync_dir(directory)  # the new journal's name must survive a crash
-        digest = _digest(data) if op == _WRITE else bytes(16)
-        record = _record(op, name, data, digest)
-        view = memoryview(record)
+        digests = [_digest(data) if op == _WRITE else bytes(16) for _, data in items]
+        records = [_record(op, n, d, g) for (n, d), g in zip(items, digests, strict=True)]
+        view = memoryview(records[0] if len(records) == 1 else b"".join(records))
         try:
             while view:
                 view = view[os.write(state.journal_fd, view) :]
@@ -278,11 +284,14 @@ class JournaledDirectories:
             with contextlib.suppress(OSError):
                 os.ftruncate(state.journal_fd, state.indexed)
             raise
-        version = digest.hex()
-        offset = state.indexed + len(record) - len(data)
-        state.index[name] = _Entry(op, offset, len(data), version)
-        state.indexed += len(record)
-        return version
+        versions = []
+        for (name, data), digest, record in zip(items, digests, records, strict=True):
+            version = digest.hex()
+            offset = state.indexed + len(record) - len(data)
+            state.index[name] = _Entry(op, offset, len(data), version)
+            state.indexed += len(record)
+            versions.append(version)
+        return versions
 
     def _checkpoint(self, directory: Path, state: _Dir) -> None:
         """Publish the journal into plain, durable files, then delete it."""
@@ -401,6 +410,31 @@ class JournaledDirectories:
             if state.indexed > _CHECKPOINT_BYTES:
                 self._checkpoint(directory, state)
             return new_version
+
+    def write_many(self, items: list[tuple[Path, bytes, str | None]]) -> list[str]:
+        """Compare-and-swap several objects of one directory with one append + fsync.
+
+        Every version is checked before anything is written: on a conflict,
+        nothing is.
+        """
+        directory = items[0][0].parent
+        assert all(path.parent == directory for path, _, _ in items)
+        with self._locked(directory, create=True) as state:
+            for path, _, version in items:
+                current = self._current_version(path, state)
+                if current != version or path.is_dir():
+                    why = "already exists" if version is None else "has changed"
+                    raise VersionConflict(f"{path} {why}", obj_name=path.name)
+            versions = self._append_many(
+                directory, state, _WRITE, [(path.name, data) for path, data, _ in items]
+            )
+            if directory not in self._deferred:
+                for path, data, _ in items:
+                    _files.publish(path, data)
+                _PUBLISHED[directory] = self.root
+            if state.indexed > _CHECKPOINT_BYTES:
+                self._checkpoint(directory, state)
+            return versions
 
     def create(self, path: Path, data: bytes) -> bool:
         """Create ``path`` if absent (checked under the lock); False if it exists."""

@@ -73,6 +73,13 @@ class LocalFiles:
         assert self._journal is not None
         return self._journal.write(self.path(name), data, version)
 
+    def write_many_if(self, items: list[tuple[str, bytes, str | None]]) -> list[str]:
+        """Compare-and-swap several objects; one append + fsync per directory (journaled only)."""
+        assert self._journal is not None
+        if len({name.rpartition("/")[0] for name, _, _ in items}) == 1:
+            return self._journal.write_many([(self.path(n), d, v) for n, d, v in items])
+        return [self.write_if(n, d, v) for n, d, v in items]
+
     def delete(self, name: str) -> None:
         """Delete if present, pruning directories left empty."""
         if self._journal is None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import builtins
 import hashlib
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from ..errors import VersionConflict
 
@@ -134,6 +134,19 @@ class TaskIO(ABC):
             raise _conflict(obj_name, f"its version is {current}, not {version}")
         self.write(obj_name, data)
         return content_version(data)
+
+    def write_many_if(self, items: Sequence[tuple[str, bytes, str | None]]) -> builtins.list[str]:
+        """`write_if` several objects, in order; return their new versions.
+
+        Stores that can make several writes durable at once (the local
+        journal: one append + fsync for all) override this. The default writes
+        one after another and stops at the first error, so on failure any
+        prefix of the items may have been written.
+
+        Raises:
+            VersionConflict: An object's version was not the expected one.
+        """
+        return [self.write_if(name, data, version) for name, data, version in items]
 
     def delete_if(self, obj_name: str, version: str) -> None:
         """Delete the object only if its current version is ``version``.

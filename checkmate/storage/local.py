@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import builtins
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from ..naming import check_obj_name
@@ -86,6 +86,12 @@ class LocalTaskIO(TaskIO):
         if not self.supports_conditional_write:
             return super().write_if(obj_name, data, version)
         return self._files.write_if(self._name(obj_name), data, version)
+
+    def write_many_if(self, items: Sequence[tuple[str, bytes, str | None]]) -> list[str]:
+        """Compare-and-swap several objects: one journal append + fsync for a task's objects."""
+        if not self.supports_conditional_write:
+            return super().write_many_if(items)
+        return self._files.write_many_if([(self._name(n), d, v) for n, d, v in items])
 
     def delete_if(self, obj_name: str, version: str) -> None:
         """Delete the object only if its version is ``version``."""
