@@ -314,6 +314,15 @@ def targets(results: dict[str, Any]) -> list[dict[str, str]]:
             row("T4", what, measured, "(<= 1.3x)", "info: " + _ok(c["ratio"], 1.3))
         else:
             row("T4", what, measured, f"<= {limit}x", _ok(c["ratio"], limit))
+            if "serialise_ratio" in c:
+                row(
+                    "T4",
+                    f"lower bound: pydantic's `model_dump_json()` of {label} alone (no engine, "
+                    "no I/O) / the same floor write",
+                    fmt_x(c["serialise_ratio"]),
+                    "(<= 1.3x)",
+                    "info: " + _ok(c["serialise_ratio"], 1.3),
+                )
     resume = results.get("resume")
     if resume and "ratio" in resume:
         row(

@@ -113,8 +113,8 @@ def encode_stage(stage: BaseStage[Any], prefix: bytes, task_id: str) -> bytes:
             task_id=task_id,
             stage_name=stage.stage_name,
         ) from exc
-    data = prefix + body[1:]
-    if _LONG_DIGITS.search(data) and _has_huge_int(data):
+    data = b"".join((prefix, memoryview(body)[1:]))  # one copy of a large body, not two
+    if _has_long_digit_run(data) and _has_huge_int(data):
         raise StateSerializationError(
             f"stage {stage.stage_name!r} of task {task_id!r} cannot be saved: its state holds "
             "an integer of more than 4300 digits, which JSON readers refuse; store it as a "
@@ -123,6 +123,25 @@ def encode_stage(stage: BaseStage[Any], prefix: bytes, task_id: str) -> bytes:
             stage_name=stage.stage_name,
         )
     return data
+
+
+def _has_long_digit_run(data: bytes) -> bool:
+    """Tell whether ``data`` holds 4,301 digits in a row, without scanning all of it.
+
+    Such a run covers two consecutive bytes of every stride-``_STRIDE`` sample,
+    so only the neighbourhoods of consecutive digit samples are searched.
+    """
+    samples = data[::_STRIDE]
+    for i in range(len(samples) - 1):
+        if (
+            samples[i] in _DIGITS
+            and samples[i + 1] in _DIGITS
+            and data[i * _STRIDE : (i + 1) * _STRIDE + 1].isdigit()
+        ):
+            start = max(0, i * _STRIDE - _HUGE_DIGITS)
+            if _LONG_DIGITS.search(data, start, (i + 1) * _STRIDE + _HUGE_DIGITS):
+                return True
+    return False
 
 
 def _has_huge_int(data: bytes) -> bool:
@@ -186,7 +205,10 @@ def parse_json(data: bytes) -> Any:
     return from_json(data, allow_inf_nan=True)
 
 
-_LONG_DIGITS = re.compile(rb"[0-9]{4301}")
+_HUGE_DIGITS = 4301  # the first integer length Python's JSON reader refuses
+_LONG_DIGITS = re.compile(rb"[0-9]{%d}" % _HUGE_DIGITS)
+_STRIDE = _HUGE_DIGITS // 2
+_DIGITS = frozenset(b"0123456789")
 _MAX_ATTEMPTS = 10**9
 
 
