@@ -264,9 +264,10 @@ def sweep_temp_files(root: Path, prefix: str) -> int:
     now = time.time()
     for dirpath, _dirnames, filenames in os.walk(start):
         for filename in filenames:
+            if not (filename.startswith(".") and TEMP_MARKER in filename):
+                continue
             path = Path(dirpath) / filename
-            is_temp = TEMP_MARKER in filename and filename.startswith(".")
-            if is_temp and _temp_is_stale(path, now):
+            if _temp_is_stale(path, now):
                 path.unlink(missing_ok=True)
                 removed += 1
                 logger.info("removed stale temp file %s", path)

@@ -368,18 +368,23 @@ class JournaledDirectories:
             raise FileNotFoundError(str(path))
         return data, version
 
-    def read_many_versioned(self, paths: list[Path]) -> dict[Path, tuple[bytes, str]]:
-        """Several objects' bytes and versions, one lock per directory; missing ones left out."""
-        found: dict[Path, tuple[bytes, str]] = {}
-        by_dir: dict[Path, list[Path]] = {}
-        for path in paths:
-            by_dir.setdefault(path.parent, []).append(path)
-        for directory, members in by_dir.items():
-            with self._locked(directory, create=False, shared=True) as state:
-                for path in members:
-                    data, version = self._current(path, state)
-                    if data is not None and version is not None:
-                        found[path] = (data, version)
+    def read_many_in(self, directory: Path, names: list[str]) -> dict[str, tuple[bytes, str]]:
+        """Several objects of one directory with their versions, under one shared lock."""
+        found: dict[str, tuple[bytes, str]] = {}
+        base = os.fspath(directory)
+        with self._locked(directory, create=False, shared=True) as state:
+            for name in names:
+                entry = state.index.get(name)
+                if entry is None:
+                    try:
+                        with open(os.path.join(base, name), "rb") as handle:
+                            data = handle.read()
+                    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+                        continue
+                    found[name] = (data, content_version(data))
+                elif entry.op == _WRITE:
+                    data = os.pread(state.journal_fd, entry.size, entry.offset)
+                    found[name] = (data, entry.version)
         return found
 
     def exists(self, path: Path) -> bool:

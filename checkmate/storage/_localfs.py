@@ -45,15 +45,23 @@ class LocalFiles:
 
     def read_many_versioned(self, names: list[str]) -> dict[str, tuple[bytes, str]]:
         """Several objects with their versions; missing ones are left out."""
+        found: dict[str, tuple[bytes, str]] = {}
         if self._journal is None:
-            found: dict[str, tuple[bytes, str]] = {}
             for name in names:
                 data = _files.read_or_none(self.path(name))
                 if data is not None:
                     found[name] = (data, content_version(data))
             return found
-        paths = {self.path(name): name for name in names}
-        return {paths[p]: got for p, got in self._journal.read_many_versioned(list(paths)).items()}
+        by_dir: dict[str, list[str]] = {}
+        for name in names:
+            head, _, base = name.rpartition("/")
+            by_dir.setdefault(head, []).append(base)
+        for head, bases in by_dir.items():
+            directory = self.path(head) if head else self.root
+            prefix = head + "/" if head else ""
+            for base, got in self._journal.read_many_in(directory, bases).items():
+                found[prefix + base] = got
+        return found
 
     def write(self, name: str, data: bytes) -> None:
         """Durable, atomic replace."""
