@@ -565,7 +565,7 @@ def _hex(text: str) -> bytes:
 
 def _split_args(args: str) -> list[str]:
     # With -xx every string and every fd path is hex-escaped: no comma, quote or bracket
-    # can hide inside one, so a plain split is exact (writev's iovec is refused below).
+    # can hide inside one, so a plain split is exact (writev's iovec spans several).
     return [a.strip() for a in args.split(", ")] if args else []
 
 
@@ -678,12 +678,17 @@ class PowerCutModel:
                 return "stdout " + _hex(data.group(1)).decode(errors="replace") if data else None
             if fd not in self.fds:
                 return None
-            if call == "writev":
-                raise AssertionError("writev on a modelled file is not supported")
-            data_match = _HEX.match(args[1])
-            assert data_match is not None, args
-            assert not data_match.group(2), "strace cut a write short: raise its -s"
-            data = _hex(data_match.group(1))[:ret]
+            if call == "writev":  # fd, [{iov_base="...", iov_len=N}, ...], count
+                iovec = ", ".join(args[1:-1])
+                chunks = list(_HEX.finditer(iovec))
+                assert len(chunks) == int(args[-1]), "strace abbreviated the iovec array"
+                assert not any(m.group(2) for m in chunks), "strace cut a write short"
+                data = b"".join(_hex(m.group(1)) for m in chunks)[:ret]
+            else:
+                data_match = _HEX.match(args[1])
+                assert data_match is not None, args
+                assert not data_match.group(2), "strace cut a write short: raise its -s"
+                data = _hex(data_match.group(1))[:ret]
             ino, pos, append = self.fds[fd]
             buf = self.inodes[ino].data
             at = int(args[3]) if call == "pwrite64" else (len(buf) if append else pos)
