@@ -133,6 +133,9 @@ def populate(io: TaskIO, count: int, template: dict[str, bytes]) -> None:
 
     with ThreadPoolExecutor(max_workers=16) as pool:
         list(pool.map(write_task, range(count)))
+    if isinstance(io, LocalTaskIO):  # as the engine leaves finished tasks: checkpointed
+        io.sync("")
+        io.flush()
     check = CheckMateEngine(io, task_id=f"task-{count - 1:06d}", stage_templates=stages())
     assert check.status is StageStatus.COMPLETE, "the copied objects are not a valid task"
 

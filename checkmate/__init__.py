@@ -8,6 +8,7 @@ once, on any executor, with `run_tasks`.
 
 import typing as _typing
 
+from ._lazy import lazy_attributes as _lazy_attributes
 from .cancellation import cancel_requested, request_cancel, withdraw_cancel
 from .engine import STAGE, CheckMateEngine, TaskEngineState
 from .errors import (
@@ -111,16 +112,4 @@ _LAZY = {
 
 
 if not _typing.TYPE_CHECKING:  # mypy sees the imports above, not an Any-typed __getattr__
-
-    def __getattr__(name: str) -> _typing.Any:
-        module = _LAZY.get(name)
-        if module is None:
-            raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-        from importlib import import_module  # noqa: PLC0415 - only for the lazy names
-
-        value = getattr(import_module(f"{__name__}.{module}"), name)
-        globals()[name] = value
-        return value
-
-    def __dir__() -> list[str]:
-        return sorted({*globals(), *_LAZY})
+    __getattr__, __dir__ = _lazy_attributes(__name__, _LAZY, globals())

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import pytest
+from pipelines import make_stages
 
-from checkmate import LocalTaskIO, VersionConflict
-from checkmate.storage._journal import JOURNAL_NAME, parse_journal
+from checkmate import CheckMateEngine, LocalTaskIO, StageStatus, VersionConflict
+from checkmate.storage._journal import JOURNAL_NAME, flush_all, parse_journal
 
 pytestmark = pytest.mark.skipif(
     not LocalTaskIO(".").supports_conditional_write, reason="the journal needs flock (POSIX)"
@@ -133,3 +135,34 @@ def test_deleting_the_last_object_leaves_no_directory(tmp_path: Path) -> None:
     io.write("t/a.json", b"x")
     io.delete("t/a.json")
     assert not (tmp_path / "t").exists()
+
+
+def test_a_store_directory_removed_right_after_a_run_does_not_race_the_checkpoint() -> None:
+    """The background checkpoint only fsyncs and deletes: it never creates a file that
+    would make the removal of a temporary store fail."""
+    for _ in range(20):
+        with tempfile.TemporaryDirectory() as tmp:
+            io = LocalTaskIO(tmp)
+            assert CheckMateEngine(io, "t", make_stages(5)).execute() is StageStatus.COMPLETE
+            files = sorted(p.name for p in (Path(tmp) / "t").iterdir() if p.suffix == ".json")
+            assert files == [f"s{i}.json" for i in range(5)], (
+                "the files are published before execute() returns"
+            )
+        flush_all()
+
+
+def test_a_checkpoint_cut_short_leaves_the_journal_as_the_truth(tmp_path: Path) -> None:
+    io = LocalTaskIO(tmp_path)
+    io.defer_publication("t/")
+    io.write("t/a.json", b"one")
+    io.write("t/b.json", b"two")
+    io.sync("t/")  # publishes now; the durable part runs in the background
+    io.flush()
+    io.defer_publication("t/")
+    io.write("t/a.json", b"three")
+    (tmp_path / "t" / "a.json").write_bytes(b"torn")  # as if a checkpoint died mid-file
+    assert LocalTaskIO(tmp_path).read("t/a.json") == b"three"
+    io.sync("t/")
+    io.flush()
+    assert (tmp_path / "t" / "a.json").read_bytes() == b"three"
+    assert not journal(tmp_path).exists()

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import logging
 import os
 import secrets
+import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 try:
@@ -105,6 +108,38 @@ def make_dirs(directory: Path) -> None:
     except FileExistsError:
         return
     fsync_dir(directory.parent)
+
+
+def _load_syncfs() -> Callable[[int], int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        func: Callable[[int], int] = libc.syncfs
+    except (OSError, AttributeError):
+        return None
+    return func
+
+
+_SYNCFS = _load_syncfs()
+
+
+def sync_filesystem(directory: Path) -> bool:
+    """Flush everything written to the file system of ``directory`` (syncfs(2), Linux).
+
+    Returns:
+        False where syncfs is not available (the caller fsyncs file by file).
+    """
+    if _SYNCFS is None:
+        return False
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        if _SYNCFS(fd) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"syncfs: {os.strerror(err)}", str(directory))
+    finally:
+        os.close(fd)
+    return True
 
 
 def fsync_file(path: Path) -> None:

@@ -550,8 +550,8 @@ class RunTracker:
 # ---------------------------------------------------------------- power cuts, replayed from strace
 
 STRACE_CALLS = (
-    "openat,open,creat,write,pwrite64,writev,lseek,ftruncate,fsync,fdatasync,rename,renameat,"
-    "renameat2,link,linkat,unlink,unlinkat,mkdir,mkdirat,rmdir,close,dup,dup2,dup3"
+    "openat,open,creat,write,pwrite64,writev,lseek,ftruncate,fsync,fdatasync,syncfs,rename,"
+    "renameat,renameat2,link,linkat,unlink,unlinkat,mkdir,mkdirat,rmdir,close,dup,dup2,dup3"
 )
 """The system calls `PowerCutModel` needs (``strace -f -qq -xx -y -s 65536 -e trace=...``)."""
 
@@ -714,6 +714,14 @@ class PowerCutModel:
             else:
                 node.durable = bytes(node.data)
             return f"{call} #{ino}"
+        elif call == "syncfs" and ret == 0:
+            # Everything on the file system is on disk: every file's data, every entry.
+            for node in self.inodes.values():
+                if not node.is_dir:
+                    node.durable = bytes(node.data)
+            for path, entries in self.entries.items():
+                self.durable[path] = dict(entries)
+            return "syncfs"
         elif call == "close":
             self.fds.pop(self._fd(args[0]), None)
         elif call in ("dup", "dup2", "dup3") and self._fd(args[0]) in self.fds:
