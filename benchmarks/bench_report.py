@@ -45,14 +45,17 @@ since it last looked), then in the plain file. Versions for compare-and-swap
 so a fenced write needs no read and no hashing of the current object.
 
 While the engine holds a task, its directory's publication is *deferred*: no
-per-write file at all. When the engine unbinds, after releasing the lock, a
-background thread **checkpoints** the journal: each object's newest bytes go
-to a temp file that is fsynced and renamed into place (deletes unlink), the
-directory is fsynced, and only then is the journal deleted. A finished task is
-plain JSON files again. Writes outside a bound task (a user writing their own
-objects through the TaskIO) are also published at once with a temp file and a
-rename (not fsynced; the journal holds the durable copy), and checkpointed at
-interpreter exit.
+per-write file at all. When the engine unbinds, after releasing the lock, it
+**publishes** each object's newest bytes as a plain file (temp file + rename,
+in the caller's thread, so that a caller who deletes the store right after the
+run never races a background thread creating files), and a background thread
+**checkpoints** the journal: one `syncfs(2)` makes every published file
+durable (an fsync per file where syncfs is missing), the directory is fsynced,
+and only then is the journal deleted. A finished task is plain JSON files
+again. Writes outside a bound task (a user writing their own objects through
+the TaskIO) are also published at once with a temp file and a rename (not
+fsynced; the journal holds the durable copy), and checkpointed at interpreter
+exit.
 
 Two writes that follow each other with no user code in between share one
 append + fsync (`TaskIO.write_many_if`): a new task's CREATED objects are

@@ -20,9 +20,11 @@ fsynced), except in directories whose publication is *deferred*: the engine
 defers its task's directory while it holds the task, and syncs it at unbind.
 
 A **checkpoint** publishes the journal into plain files and deletes it: each
-object's newest bytes go to a temp file that is fsynced and renamed into
-place (a delete unlinks the file), then the directory is fsynced, and only
-then is the journal unlinked. A crash in the middle leaves the journal, which
+object's newest bytes go to a temp file renamed into place (a delete unlinks
+the file), one syncfs(2) makes them durable (an fsync per file where there is
+no syncfs), the directory is fsynced, and only then is the journal unlinked.
+`sync` publishes in the caller's thread and leaves only the durable part to
+a background thread, which never creates a file. A crash in the middle leaves the journal, which
 still holds the truth, and the next checkpoint publishes it again. It runs
 when the engine unbinds a task (`TaskIO.sync`, on a background thread), when
 the journal grows past a size, and when the last object of a directory is

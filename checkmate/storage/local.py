@@ -19,9 +19,10 @@ class LocalTaskIO(TaskIO):
 
     Every write is durable before it returns and atomic for readers. On POSIX
     systems a write appends the new bytes to a per-directory journal and
-    fsyncs it; reads look in the journal first. The journal is checkpointed
-    into plain files (each fsynced and renamed into place, then the journal
-    deleted) when the engine unbinds, so a finished task is plain JSON files.
+    fsyncs it; reads look in the journal first. When the engine unbinds, the
+    task's objects are published as plain files (temp file + rename) and a
+    background checkpoint makes them durable and deletes the journal, so a
+    finished task is plain JSON files.
     This keeps a durable checkpoint at one append + fsync, where creating or
     renaming files costs far more. Compare-and-swap runs under an exclusive
     lock of the directory (flock), so it is atomic between processes of one
