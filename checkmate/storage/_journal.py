@@ -257,7 +257,10 @@ class JournaledDirectories:
             return
         if state.journal_fd < 0 or info.st_ino != state.journal_ino:
             _close_journal(state)
-            state.journal_fd = os.open(path, os.O_RDWR | os.O_APPEND)
+            try:
+                state.journal_fd = os.open(path, os.O_RDWR | os.O_APPEND)
+            except PermissionError:  # a reader without write access (another user's CLI)
+                state.journal_fd = os.open(path, os.O_RDONLY)
             state.journal_ino = info.st_ino
         if info.st_size < state.indexed:  # cannot happen under the flock; start over
             state.index.clear()
