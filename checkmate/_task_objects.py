@@ -179,35 +179,7 @@ class TaskObjects:
         finally:
             self._batch = None
         if batch:
-            self._create_many(batch)
-
-    def _create_many(self, batch: list[tuple[int, BaseStage[Any], bytes]]) -> None:
-        if not self.fenced or len(batch) == 1:
-            for position, stage, data in batch:
-                self._write_data(position, stage, data, create=True)
-                self.persisted(stage)
-            return
-        lock = self.lock
-        assert lock is not None
-        items = [(self.names[position], data, None) for position, _, data in batch]
-
-        def attempt() -> list[str]:
-            lock.check()
-            return self.io.write_many_if(items)
-
-        try:
-            versions = self.call("write", items[0][0], attempt)
-        except VersionConflict:
-            # Part of it landed on an earlier try (or another worker wrote):
-            # settle each object on its own, as single writes do.
-            for position, stage, data in batch:
-                self._write_data(position, stage, data, create=True)
-                self.persisted(stage)
-            return
-        for (name, _, _), version in zip(items, versions, strict=True):
-            self.versions[name] = version
-        for _, stage, _ in batch:
-            self.persisted(stage)
+            self._write_group(batch, create=True)
 
     def write(
         self, position: int, stage: BaseStage[Any], create: bool = False, hold: bool = False
@@ -225,22 +197,23 @@ class TaskObjects:
         `flush_held` before it returns.
 
         Returns:
-            True if the write landed; False if it is held or batched (``persisted``
-            is called for it when it lands).
+            True if the write landed and the caller reports it; False if it is
+            held, batched or written with a held one (``persisted`` is called
+            for it when it lands).
         """
         data = encode_stage(stage, self.prefixes[position], self.task_id)
         if create and self._batch is not None:
             self._batch.append((position, stage, data))
             return False
         held, self._held = self._held, None
-        if held is not None and self.fenced and not create and held[0] != position:
-            self._write_pair(held, (position, stage, data))
-            return True
+        mine = (position, stage, data)
+        if held is not None and not create and held[0] != position:
+            self._write_group([held, mine], create=False)
+            return False
         if held is not None:
-            self._write_data(*held, create=False)
-            self.persisted(held[1])
+            self._write_group([held], create=False)
         if hold and self._can_hold():
-            self._held = (position, stage, data)
+            self._held = mine
             return False
         self._write_data(position, stage, data, create)
         return True
@@ -249,38 +222,41 @@ class TaskObjects:
         """Write the held write, if any."""
         held, self._held = self._held, None
         if held is not None:
-            self._write_data(*held, create=False)
-            self.persisted(held[1])
+            self._write_group([held], create=False)
 
     def _can_hold(self) -> bool:
         return self.fenced and type(self.io).write_many_if is not TaskIO.write_many_if
 
-    def _write_pair(
-        self, first: tuple[int, BaseStage[Any], bytes], second: tuple[int, BaseStage[Any], bytes]
-    ) -> None:
-        lock = self.lock
-        assert lock is not None
-        names = [self.names[first[0]], self.names[second[0]]]
-        items = [
-            (names[0], first[2], self.versions.get(names[0])),
-            (names[1], second[2], self.versions.get(names[1])),
-        ]
+    def _write_group(self, group: list[tuple[int, BaseStage[Any], bytes]], create: bool) -> None:
+        """Write several stage objects, with one `TaskIO.write_many_if` where fenced.
 
-        def attempt() -> list[str]:
-            lock.check()
-            return self.io.write_many_if(items)
+        ``persisted`` is called for each, in order, once it has landed.
+        """
+        if self.fenced and len(group) > 1:
+            lock = self.lock
+            assert lock is not None
+            names = [self.names[position] for position, _, _ in group]
+            items = [
+                (name, data, None if create else self.versions.get(name))
+                for name, (_, _, data) in zip(names, group, strict=True)
+            ]
 
-        try:
-            versions = self.call("write", names[0], attempt)
-        except VersionConflict:
-            # An earlier try landed, or another worker took over: settle each write
-            # on its own, as single writes do.
-            self._write_data(*first, create=False)
-            self.persisted(first[1])
-            self._write_data(*second, create=False)
-            return
-        self.versions[names[0]], self.versions[names[1]] = versions
-        self.persisted(first[1])
+            def attempt() -> list[str]:
+                lock.check()
+                return self.io.write_many_if(items)
+
+            try:
+                versions = self.call("write", names[0], attempt)
+            except VersionConflict:
+                pass  # an earlier try landed in part, or a new owner wrote: settle one by one
+            else:
+                self.versions.update(zip(names, versions, strict=True))
+                for _, stage, _ in group:
+                    self.persisted(stage)
+                return
+        for position, stage, data in group:
+            self._write_data(position, stage, data, create)
+            self.persisted(stage)
 
     def _write_data(self, position: int, stage: BaseStage[Any], data: bytes, create: bool) -> None:
         name = self.names[position]

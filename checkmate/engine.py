@@ -369,8 +369,9 @@ class CheckMateEngine(Generic[STAGE, STAGE_RESULT]):
         `execute` re-reads the task before it goes on.
 
         Returns:
-            True if the write landed now; False if it is held or batched (then
-            `state_update_hook` is called when it lands).
+            True if the caller reports the change (`state_update_hook`); False if
+            it is held, batched or written with a held one (the hook is then
+            called when it lands).
         """
         try:
             return self._objects.write(self._positions[id(stage)], stage, create, hold)

@@ -17,7 +17,7 @@ from fsspec.implementations.memory import MemoryFile
 
 from ..errors import VersionConflict
 from ._localfs import LocalFiles
-from .base import content_version
+from .base import check_version, content_version
 
 __all__ = ["Backend", "LocalFileBackend", "MemoryBackend"]
 
@@ -136,13 +136,7 @@ class Backend:
 
 
 def _check(path: str, version: str | None, current: bytes | None) -> None:
-    if version is None:
-        if current is not None:
-            raise VersionConflict(f"{path} already exists", obj_name=path)
-    elif current is None:
-        raise VersionConflict(f"{path} does not exist", obj_name=path)
-    elif content_version(current) != version:
-        raise VersionConflict(f"{path} has changed", obj_name=path)
+    check_version(path, version, None if current is None else content_version(current))
 
 
 class MemoryBackend(Backend):

@@ -18,9 +18,7 @@ except ImportError:  # pragma: no cover - Windows
     fcntl = None  # type: ignore[assignment]
 
 from .._host import process_alive, this_host
-from ..errors import VersionConflict
 from ..naming import check_obj_name
-from .base import content_version
 
 CAS_SUPPORTED = fcntl is not None
 """Compare-and-swap needs flock(2), which Windows lacks."""
@@ -53,22 +51,31 @@ def _temp_path(path: Path) -> Path:
     return path.with_name(f".{path.name}{TEMP_MARKER}{tag}")
 
 
-def fsync_dir(directory: Path) -> None:
-    """Fsync a directory, so that the names in it survive a crash (no-op on Windows)."""
-    if not _DIR_FSYNC:
-        return
+def _fsync_path(path: Path) -> None:
+    """Fsync a file or directory by path; nothing if it is gone (a concurrent delete)."""
     try:
-        fd = os.open(directory, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY)
     except FileNotFoundError:
-        return  # a concurrent delete pruned it, and with it what we wrote
+        return
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
 
 
-def _write_temp(path: Path, data: bytes) -> Path:
-    """Write ``data`` to a fresh fsynced temp file beside ``path``; return its path.
+def fsync_dir(directory: Path) -> None:
+    """Fsync a directory, so that the names in it survive a crash (no-op on Windows)."""
+    if _DIR_FSYNC:
+        _fsync_path(directory)
+
+
+def fsync_file(path: Path) -> None:
+    """Fsync a file's data, if the file exists."""
+    _fsync_path(path)
+
+
+def _write_temp(path: Path, data: bytes, durable: bool) -> Path:
+    """Write ``data`` to a fresh temp file beside ``path`` (fsynced if ``durable``).
 
     Creates missing parent directories, retrying if a concurrent delete prunes
     them in between.
@@ -80,15 +87,14 @@ def _write_temp(path: Path, data: bytes) -> Path:
         except FileNotFoundError:
             if attempt == _MAKEDIRS_TRIES - 1:
                 raise
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fsync_dir(path.parent.parent)
+            make_dirs(path.parent)
             continue
         try:
             view = memoryview(data)
             while view:
-                written = os.write(fd, view)
-                view = view[written:]
-            os.fsync(fd)
+                view = view[os.write(fd, view) :]
+            if durable:
+                os.fsync(fd)
         except BaseException:
             os.close(fd)
             tmp.unlink(missing_ok=True)
@@ -96,6 +102,14 @@ def _write_temp(path: Path, data: bytes) -> Path:
         os.close(fd)
         return tmp
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _replace(tmp: Path, path: Path) -> None:
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def make_dirs(directory: Path) -> None:
@@ -142,60 +156,14 @@ def sync_filesystem(directory: Path) -> bool:
     return True
 
 
-def fsync_file(path: Path) -> None:
-    """Fsync a file's data, if the file exists."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def publish(path: Path, data: bytes, durable: bool = False) -> None:
-    """Replace ``path`` atomically (temp file + rename).
-
-    With ``durable`` the temp file is fsynced before the rename (the caller
-    fsyncs the directory); otherwise nothing is forced to disk.
-    """
-    for attempt in range(_MAKEDIRS_TRIES):
-        tmp = _temp_path(path)
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        except FileNotFoundError:
-            if attempt == _MAKEDIRS_TRIES - 1:
-                raise
-            make_dirs(path.parent)
-            continue
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            if durable:
-                os.fsync(fd)
-        except BaseException:
-            os.close(fd)
-            tmp.unlink(missing_ok=True)
-            raise
-        os.close(fd)
-        try:
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        return
+def publish(path: Path, data: bytes) -> None:
+    """Replace ``path`` atomically (temp file + rename) without forcing it to disk."""
+    _replace(_write_temp(path, data, durable=False), path)
 
 
 def atomic_write(path: Path, data: bytes) -> None:
     """Replace ``path`` with ``data``: temp file, fsync, rename, fsync of the directory."""
-    tmp = _write_temp(path, data)
-    try:
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    _replace(_write_temp(path, data, durable=True), path)
     fsync_dir(path.parent)
 
 
@@ -207,7 +175,7 @@ def atomic_create(path: Path, data: bytes) -> bool:
     """
     if path.exists():
         return False
-    tmp = _write_temp(path, data)
+    tmp = _write_temp(path, data, durable=True)
     try:
         os.link(tmp, path)
     except FileExistsError:
@@ -315,15 +283,3 @@ def read_or_none(path: Path) -> bytes | None:
         return read_file(path)
     except FileNotFoundError:
         return None
-
-
-def check_version(path: Path, version: str | None, current: bytes | None) -> None:
-    """Raise VersionConflict unless ``current`` has content version ``version`` (None: absent)."""
-    if version is None:
-        if current is not None:
-            raise VersionConflict(f"{path} already exists", obj_name=path.name)
-        return
-    if current is None:
-        raise VersionConflict(f"{path} does not exist", obj_name=path.name)
-    if content_version(current) != version:
-        raise VersionConflict(f"{path} has changed", obj_name=path.name)

@@ -55,7 +55,7 @@ from typing import NamedTuple
 
 from ..errors import VersionConflict
 from . import _files
-from .base import content_version
+from .base import check_version, content_version
 
 try:
     import fcntl
@@ -360,12 +360,19 @@ class JournaledDirectories:
         return names
 
     @staticmethod
-    def _current(path: Path, state: _Dir) -> tuple[bytes | None, str | None]:
-        """The object's bytes and version; (None, None) if absent."""
+    def _current(
+        path: Path, state: _Dir, versioned: bool = True
+    ) -> tuple[bytes | None, str | None]:
+        """The object's bytes and version; (None, None) if absent.
+
+        Without ``versioned`` the version of a plain file is not computed (None).
+        """
         entry = state.index.get(path.name)
         if entry is None:
             data = _files.read_or_none(path)
-            return data, None if data is None else content_version(data)
+            if data is None or not versioned:
+                return data, None
+            return data, content_version(data)
         if entry.op == _DELETE:
             return None, None
         return os.pread(state.journal_fd, entry.size, entry.offset), entry.version
@@ -379,6 +386,14 @@ class JournaledDirectories:
 
     # ------------------------------------------------------------------ operations
 
+    def read(self, path: Path) -> bytes:
+        """The object's newest bytes (FileNotFoundError if absent)."""
+        with self._locked(path.parent, create=False, shared=True) as state:
+            data, _ = self._current(path, state, versioned=False)
+        if data is None:
+            raise FileNotFoundError(str(path))
+        return data
+
     def read_versioned(self, path: Path) -> tuple[bytes, str]:
         """The object's newest bytes and version (FileNotFoundError if absent)."""
         with self._locked(path.parent, create=False, shared=True) as state:
@@ -390,29 +405,24 @@ class JournaledDirectories:
     def read_many_in(self, directory: Path, names: list[str]) -> dict[str, tuple[bytes, str]]:
         """Several objects of one directory with their versions, under one shared lock."""
         found: dict[str, tuple[bytes, str]] = {}
-        base = os.fspath(directory)
         with self._locked(directory, create=False, shared=True) as state:
             for name in names:
-                entry = state.index.get(name)
-                if entry is None:
-                    try:
-                        with open(os.path.join(base, name), "rb") as handle:
-                            data = handle.read()
-                    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-                        continue
-                    found[name] = (data, content_version(data))
-                elif entry.op == _WRITE:
-                    data = os.pread(state.journal_fd, entry.size, entry.offset)
-                    found[name] = (data, entry.version)
+                data, version = self._current(directory / name, state)
+                if data is not None and version is not None:
+                    found[name] = (data, version)
         return found
 
     def exists(self, path: Path) -> bool:
         """Tell whether the object exists."""
         with self._locked(path.parent, create=False, shared=True) as state:
-            entry = state.index.get(path.name)
-            if entry is not None:
-                return entry.op == _WRITE
-            return path.is_file()
+            return self._exists(path, state)
+
+    @staticmethod
+    def _exists(path: Path, state: _Dir) -> bool:
+        entry = state.index.get(path.name)
+        if entry is not None:
+            return entry.op == _WRITE
+        return path.is_file()
 
     def names(self, directory: Path) -> set[str]:
         """The object names of a directory: its files, overlaid with its journal."""
@@ -425,30 +435,10 @@ class JournaledDirectories:
         With a ``version``, only if the object's current version is that (None:
         only if absent); otherwise `VersionConflict`.
         """
-        directory = path.parent
-        with self._locked(directory, create=True) as state:
-            if path.is_dir():
-                if version is None:
-                    raise VersionConflict(f"{path} is a directory", obj_name=path.name)
-                raise IsADirectoryError(str(path))
-            if not isinstance(version, _Any):
-                current = self._current_version(path, state)
-                if version is None and current is not None:
-                    raise VersionConflict(f"{path} already exists", obj_name=path.name)
-                if version is not None and current is None:
-                    raise VersionConflict(f"{path} does not exist", obj_name=path.name)
-                if current != version:
-                    raise VersionConflict(f"{path} has changed", obj_name=path.name)
-            new_version = self._append(directory, state, _WRITE, path.name, data)
-            if directory not in self._deferred:
-                _files.publish(path, data)  # a plain file at once; durable at the checkpoint
-                _PUBLISHED[directory] = self.root
-            if state.indexed > _CHECKPOINT_BYTES:
-                self._checkpoint(directory, state)
-            return new_version
+        return self.write_many([(path, data, version)])[0]
 
-    def write_many(self, items: list[tuple[Path, bytes, str | None]]) -> list[str]:
-        """Compare-and-swap several objects of one directory with one append + fsync.
+    def write_many(self, items: list[tuple[Path, bytes, str | _Any | None]]) -> list[str]:
+        """Write several objects of one directory with one append + fsync.
 
         Every version is checked before anything is written: on a conflict,
         nothing is.
@@ -457,15 +447,17 @@ class JournaledDirectories:
         assert all(path.parent == directory for path, _, _ in items)
         with self._locked(directory, create=True) as state:
             for path, _, version in items:
-                current = self._current_version(path, state)
-                if current != version or path.is_dir():
-                    why = "already exists" if version is None else "has changed"
-                    raise VersionConflict(f"{path} {why}", obj_name=path.name)
+                if path.is_dir():
+                    if isinstance(version, _Any):
+                        raise IsADirectoryError(str(path))
+                    raise VersionConflict(f"{path} is a directory", obj_name=path.name)
+                if not isinstance(version, _Any):
+                    check_version(str(path), version, self._current_version(path, state))
             versions = self._append_many(
                 directory, state, _WRITE, [(path.name, data) for path, data, _ in items]
             )
             if directory not in self._deferred:
-                for path, data, _ in items:
+                for path, data, _ in items:  # plain files at once; durable at the checkpoint
                     _files.publish(path, data)
                 _PUBLISHED[directory] = self.root
             if state.indexed > _CHECKPOINT_BYTES:
@@ -488,13 +480,9 @@ class JournaledDirectories:
         """
         directory = path.parent
         with self._locked(directory, create=False) as state:
-            current = self._current_version(path, state)
-            if version is not None and current != version:
-                raise VersionConflict(
-                    f"{path} {'does not exist' if current is None else 'has changed'}",
-                    obj_name=path.name,
-                )
-            if current is None:
+            if version is not None:
+                check_version(str(path), version, self._current_version(path, state))
+            elif not self._exists(path, state):
                 return
             self._append(directory, state, _DELETE, path.name, b"")
             if directory not in self._deferred:

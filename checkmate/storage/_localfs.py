@@ -33,7 +33,10 @@ class LocalFiles:
 
     def read(self, name: str) -> bytes:
         """The object's bytes (FileNotFoundError if absent)."""
-        return self.read_versioned(name)[0]
+        path = self.path(name)
+        if self._journal is not None:
+            return self._journal.read(path)
+        return _files.read_file(path)
 
     def read_versioned(self, name: str) -> tuple[bytes, str]:
         """The object's bytes and content version."""

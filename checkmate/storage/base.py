@@ -129,9 +129,8 @@ class TaskIO(ABC):
         try:
             _, current = self.read_versioned(obj_name)
         except FileNotFoundError:
-            raise _conflict(obj_name, "it does not exist") from None
-        if current != version:
-            raise _conflict(obj_name, f"its version is {current}, not {version}")
+            current = None
+        check_version(obj_name, version, current)
         self.write(obj_name, data)
         return content_version(data)
 
@@ -157,9 +156,8 @@ class TaskIO(ABC):
         try:
             _, current = self.read_versioned(obj_name)
         except FileNotFoundError:
-            raise _conflict(obj_name, "it does not exist") from None
-        if current != version:
-            raise _conflict(obj_name, f"its version is {current}, not {version}")
+            current = None
+        check_version(obj_name, version, current)
         self.delete(obj_name)
 
     def read_many_versioned(self, obj_names: Iterable[str]) -> dict[str, tuple[bytes, str]]:
@@ -222,6 +220,22 @@ class TaskIO(ABC):
             except FileNotFoundError:
                 continue
         return found
+
+
+def check_version(obj_name: str, expected: str | None, current: str | None) -> None:
+    """Raise `VersionConflict` unless ``current`` is ``expected`` (None: the object is absent).
+
+    The one place that words a refused compare-and-swap, for every store.
+    """
+    if current == expected:
+        return
+    if current is None:
+        why = "it does not exist"
+    elif expected is None:
+        why = "it already exists"
+    else:
+        why = f"its version is {current}, not {expected}"
+    raise _conflict(obj_name, why)
 
 
 def _conflict(obj_name: str, why: str) -> VersionConflict:
