@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from pipelines import make_stages
 
-from checkmate import CheckMateEngine, LocalTaskIO, StageStatus, VersionConflict
+from checkmate import CheckMateEngine, CorruptStateError, LocalTaskIO, StageStatus, VersionConflict
 from checkmate.storage._journal import JOURNAL_NAME, flush_all, parse_journal
 
 pytestmark = pytest.mark.skipif(
@@ -166,3 +166,22 @@ def test_a_checkpoint_cut_short_leaves_the_journal_as_the_truth(tmp_path: Path) 
     io.flush()
     assert (tmp_path / "t" / "a.json").read_bytes() == b"three"
     assert not journal(tmp_path).exists()
+
+
+def test_a_journal_damaged_in_the_middle_is_refused_and_left_as_it_was(tmp_path: Path) -> None:
+    """A bad record followed by whole ones is not a torn tail: cutting it off would lose
+    writes that returned, so every access refuses with a typed error instead."""
+    io = LocalTaskIO(tmp_path)
+    io.defer_publication("t/")
+    io.write("t/a.json", b"first")
+    io.write("t/b.json", b"second")
+    blob = bytearray(journal(tmp_path).read_bytes())
+    blob[len(b"CMJ2") + 2] ^= 0xFF  # the first record's header
+    journal(tmp_path).write_bytes(bytes(blob))
+    for access in (
+        lambda store: store.read("t/b.json"),
+        lambda store: store.write("t/c.json", b"third"),
+    ):
+        with pytest.raises(CorruptStateError, match="damaged"):
+            access(LocalTaskIO(tmp_path))
+    assert journal(tmp_path).read_bytes() == bytes(blob)

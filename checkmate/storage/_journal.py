@@ -53,7 +53,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
-from ..errors import VersionConflict
+from ..errors import CorruptStateError, VersionConflict
 from . import _files
 from .base import check_version, content_version
 
@@ -137,6 +137,16 @@ def _scan(blob: bytes, base: int = 0) -> tuple[dict[str, _Entry], int]:
         index[name] = _Entry(op, base + start + name_len, size, digest.hex())
         offset = end
     return index, offset
+
+
+def _valid_record_in(blob: bytes) -> bool:
+    """Tell whether a whole, valid record starts anywhere in ``blob``."""
+    at = blob.find(_MAGIC)
+    while at >= 0:
+        if _scan(blob[at:])[1]:
+            return True
+        at = blob.find(_MAGIC, at + 1)
+    return False
 
 
 def parse_journal(blob: bytes) -> dict[str, bytes | None]:
@@ -269,6 +279,15 @@ class JournaledDirectories:
             return
         tail = os.pread(state.journal_fd, info.st_size - state.indexed, state.indexed)
         found, valid = _scan(tail, state.indexed)
+        if valid < len(tail) and _valid_record_in(tail[valid + 1 :]):
+            # Not a torn tail: whole records follow the bad bytes. Cutting them off
+            # would lose writes that returned, so refuse and touch nothing.
+            raise CorruptStateError(
+                f"the journal {path} is damaged at byte {state.indexed + valid}, with whole "
+                "records after the damage; nothing was changed. Restore the journal from a "
+                "backup, or move it aside to fall back on the plain files (older state)",
+                obj_name=str(path),
+            )
         state.index.update(found)
         state.indexed += valid
         if exclusive and state.indexed < info.st_size:
