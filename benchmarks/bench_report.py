@@ -67,6 +67,15 @@ just before the stage returned, and the stage runs again, as after any crash
 inside a stage. The state-update hook runs for each change only once it is
 durable.
 
+A stage's history only grows, and its entries are immutable
+(`StageStateHistoryEntry` is frozen), so the engine keeps the JSON of each
+entry from one write of that stage to the next: a status change of a stage
+with a long history serialises the stage without its history and splices the
+kept entries in after its `attempts` member (the first such splice of each
+pair of stage and state classes is compared with pydantic's own output; a
+class with its own serialisers is always written by pydantic alone). The bytes
+are exactly what `model_dump_json()` would give.
+
 Why it is crash-safe: a write returns only after its record is on disk; a
 reader always sees the journal's newest record; the journal is deleted only
 after every file it names is on disk, so a crash in the middle of a checkpoint

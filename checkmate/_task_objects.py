@@ -13,7 +13,7 @@ import logging
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
-from .codec import decode_state, encode_stage, meta_head, meta_prefix_from
+from .codec import HistoryJSON, decode_state, encode_stage, meta_head, meta_prefix_from
 from .errors import (
     LeaseLostError,
     StateMismatchError,
@@ -71,6 +71,7 @@ class TaskObjects:
                 heads[type(template)] = meta_head(type(template))
         self._heads = [heads[type(t)] for t in templates]
         self.prefixes = self._prefixes(None)
+        self._histories = [HistoryJSON() for _ in templates]
 
     def _prefixes(self, epoch: int | None) -> list[bytes]:
         count = len(self._heads)
@@ -201,7 +202,7 @@ class TaskObjects:
             held, batched or written with a held one (``persisted`` is called
             for it when it lands).
         """
-        data = encode_stage(stage, self.prefixes[position], self.task_id)
+        data = encode_stage(stage, self.prefixes[position], self.task_id, self._histories[position])
         if create and self._batch is not None:
             self._batch.append((position, stage, data))
             return False
@@ -320,7 +321,9 @@ class TaskObjects:
             for _ in range(_MAX_SEAL_TRIES):
                 if name not in self.versions:
                     break
-                data = encode_stage(stage, self.prefixes[position], self.task_id)
+                data = encode_stage(
+                    stage, self.prefixes[position], self.task_id, self._histories[position]
+                )
                 try:
                     self.versions[name] = self.call(
                         "seal", name, self.io.write_if, name, data, self.versions[name]

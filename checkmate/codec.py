@@ -16,6 +16,7 @@ the template's own state model (no pickle, no class looked up by name).
 from __future__ import annotations
 
 import json
+import logging
 import re
 from typing import Any
 
@@ -23,13 +24,14 @@ from pydantic import BaseModel, ValidationError
 from pydantic_core import PydanticSerializationError, from_json
 
 from .errors import CorruptStateError, StateMismatchError, StateSerializationError
-from .models import BaseStageState, StageStatus
+from .models import BaseStageState, StageStateHistoryEntry, StageStatus
 from .stage import BaseStage
 from .transitions import can_transition
 
 __all__ = [
     "check_history",
     "FORMAT_VERSION",
+    "HistoryJSON",
     "META_KEY",
     "class_path",
     "decode_state",
@@ -38,6 +40,8 @@ __all__ = [
     "meta_prefix",
     "meta_prefix_from",
 ]
+
+logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 META_KEY = "checkmate"
@@ -92,17 +96,114 @@ def meta_prefix_from(head: bytes, position: int, stage_count: int, epoch: int | 
     )
 
 
-def encode_stage(stage: BaseStage[Any], prefix: bytes, task_id: str) -> bytes:
+class HistoryJSON:
+    """The JSON of one stage's history entries, kept from one write to the next.
+
+    History entries are frozen and only ever appended, so each is serialised
+    once: a status change of a stage with a long history then costs the JSON
+    of its new entry, not of all of them.
+    """
+
+    __slots__ = ("entries", "joined")
+
+    def __init__(self) -> None:
+        self.entries: list[StageStateHistoryEntry] = []
+        self.joined = b""
+
+    def of(self, history: list[StageStateHistoryEntry]) -> bytes:
+        """The comma-joined JSON of ``history``'s entries."""
+        known = len(self.entries)
+        # Identical entries compare in C without calling __eq__.
+        if len(history) < known or history[:known] != self.entries:
+            self.entries, self.joined, known = [], b"", 0
+        new = history[known:]
+        if new:
+            parts = [_ENTRY_TO_JSON(entry) for entry in new]
+            if known:
+                parts.insert(0, self.joined)
+            self.joined = b",".join(parts)
+            self.entries.extend(new)
+        return self.joined
+
+
+_ENTRY_TO_JSON = StageStateHistoryEntry.__pydantic_serializer__.to_json
+_SPLICE_MIN_ENTRIES = 32
+_EXCLUDE_HISTORY = {"state": {"history"}}
+# (stage class, state class) -> whether the spliced JSON equals the plain one.
+_SPLICE_OK: dict[tuple[type, type], bool] = {}
+_FIXED_STATE_FIELDS = ("task_id", "stage_name", "status", "attempts", "history")
+
+
+def _splice_allowed(stage_class: type[BaseModel], state_class: type[BaseModel]) -> bool:
+    """Tell whether both classes serialise as the engine's base classes do."""
+    base = BaseStageState.model_fields
+    fields = state_class.model_fields
+    for cls in (stage_class, state_class):
+        decorators = cls.__pydantic_decorators__
+        if decorators.model_serializers or decorators.field_serializers:
+            return False
+    return state_class.model_dump_json is _MODEL_DUMP_JSON and all(
+        name in fields
+        and fields[name].annotation == base[name].annotation
+        and fields[name].alias is None
+        for name in _FIXED_STATE_FIELDS
+    )
+
+
+def _spliced_body(stage: BaseStage[Any], history: HistoryJSON) -> bytes | None:
+    """The stage's JSON with its history spliced in from ``history``; None if not possible.
+
+    Everything before the state's ``attempts`` member is a string, so the first
+    ``"attempts":N,`` in the JSON is that member, and ``history`` follows it.
+    The first splice of each pair of classes is checked against the plain
+    serialisation.
+    """
+    state = stage.state
+    key = (type(stage), type(state))
+    ok = _SPLICE_OK.get(key)
+    if ok is None:
+        ok = _SPLICE_OK[key] = _splice_allowed(*key)
+        checked = False
+    else:
+        checked = True
+    if not ok:
+        return None
+    serializer = stage.__pydantic_serializer__
+    body = serializer.to_json(stage, warnings="error", exclude=_EXCLUDE_HISTORY)
+    marker = b'"attempts":%d,' % state.attempts
+    at = body.find(marker)
+    if at < 0:
+        _SPLICE_OK[key] = False
+        return None
+    at += len(marker)
+    spliced = b"".join((body[:at], b'"history":[', history.of(state.history), b"],", body[at:]))
+    if not checked and spliced != serializer.to_json(stage, warnings="error"):
+        logger.debug("history splice disabled for %s", class_path(type(stage)))
+        _SPLICE_OK[key] = False
+        return None
+    return spliced
+
+
+def encode_stage(
+    stage: BaseStage[Any], prefix: bytes, task_id: str, history: HistoryJSON | None = None
+) -> bytes:
     """Serialise a stage to its object bytes (``prefix`` from `meta_prefix`).
+
+    With ``history`` (kept per stage between calls), a long history's JSON is
+    reused instead of being made again.
 
     Raises:
         StateSerializationError: The stage or its state holds a value JSON cannot hold.
     """
     try:
+        body: bytes | None = None
         if type(stage).model_dump_json is _MODEL_DUMP_JSON:
-            # What model_dump_json does, without its decode to str (the encoder's bytes
-            # are UTF-8 already).
-            body = stage.__pydantic_serializer__.to_json(stage, warnings="error")
+            if history is not None and len(stage.state.history) >= _SPLICE_MIN_ENTRIES:
+                body = _spliced_body(stage, history)
+            if body is None:
+                # What model_dump_json does, without its decode to str (the encoder's
+                # bytes are UTF-8 already).
+                body = stage.__pydantic_serializer__.to_json(stage, warnings="error")
         else:
             body = stage.model_dump_json(warnings="error").encode()
     except (PydanticSerializationError, ValueError, TypeError) as exc:

@@ -462,7 +462,7 @@ class CheckMateEngine(Generic[STAGE, STAGE_RESULT]):
         lock = None if self.no_lock else self._new_lock()
         if lock is not None:
             lock.acquire()
-        stages = self._fresh_stages()
+        stages: list[STAGE] = []
         try:
             self._lock = lock
             self._objects.attach(lock)
@@ -470,6 +470,11 @@ class CheckMateEngine(Generic[STAGE, STAGE_RESULT]):
                 prefix = task_prefix(self.task_id)
                 self._call("sweep", prefix, self.io.sweep, prefix)
             states = self._states_for_bind()
+            # A stage with a persisted state gets it without a copy of the template's.
+            stages = [
+                _copy_model(template) if state is None else _copy_with_state(template, state)
+                for template, state in zip(self.task_state.stage_templates, states, strict=True)
+            ]
             self._check_statuses([_S.CREATED if st is None else st.status for st in states])
             self._stages = stages
             for stage, state in zip(stages, states, strict=True):
@@ -941,6 +946,7 @@ class CheckMateEngine(Generic[STAGE, STAGE_RESULT]):
 
 
 _M = TypeVar("_M", bound=BaseModel)
+_S_M = TypeVar("_S_M", bound=BaseStage[Any])
 _MODEL_DUMP = BaseModel.model_dump
 _MODEL_VALIDATE = BaseModel.model_validate.__func__  # type: ignore[attr-defined]
 
@@ -956,6 +962,32 @@ def _round_trip(model: _M) -> _M:
         dumped = cls.__pydantic_serializer__.to_python(model, round_trip=True)
         return cls.__pydantic_validator__.validate_python(dumped)  # type: ignore[no-any-return]
     return cls.model_validate(model.model_dump(round_trip=True))
+
+
+_WITHOUT_STATE = {"state"}
+
+
+def _copy_with_state(stage: _S_M, state: BaseStageState[Any]) -> _S_M:
+    """A copy of a stage (template) that holds ``state`` itself instead of its own.
+
+    Only the stage's other fields are copied; falls back to a whole copy.
+    """
+    cls = type(stage)
+    if cls.model_dump is _MODEL_DUMP and cls.model_validate.__func__ is _MODEL_VALIDATE:  # type: ignore[attr-defined]
+        try:
+            dumped = cls.__pydantic_serializer__.to_python(
+                stage, round_trip=True, exclude=_WITHOUT_STATE
+            )
+            dumped["state"] = state
+            copy: _S_M = cls.__pydantic_validator__.validate_python(dumped)
+        except (ValueError, TypeError):
+            pass
+        else:
+            if copy.state is state:
+                return copy
+    copy = _copy_model(stage)
+    copy.state = state
+    return copy
 
 
 def _copy_model(model: _M) -> _M:

@@ -93,9 +93,9 @@ INACTIVE_STATES = frozenset({StageStatus.COMPLETE, StageStatus.CANCELED, StageSt
 
 
 class StageStateHistoryEntry(BaseModel):
-    """One status change of a stage, as recorded in its history."""
+    """One status change of a stage, as recorded in its history (immutable)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     attempt: int = Field(..., ge=0, title="Attempt")
     """The stage's attempt number when the change happened."""

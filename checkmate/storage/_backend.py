@@ -10,6 +10,8 @@ from __future__ import annotations
 import itertools
 import threading
 from collections.abc import Sequence
+from datetime import datetime, timezone
+from io import BytesIO
 from pathlib import Path
 from typing import Any
 
@@ -170,7 +172,11 @@ class MemoryBackend(Backend):
         # process (a hash of the bytes would cost more); "g" keeps it apart from the
         # content hashes of objects written without checkmate.
         version = f"g{next(_GENERATIONS):x}"
-        stored = MemoryFile(self.fs, key, data)
+        # What MemoryFile(fs, key, data) builds, with one clock read instead of two.
+        stored = MemoryFile.__new__(MemoryFile)
+        BytesIO.__init__(stored, data)
+        stored.fs, stored.path = self.fs, key
+        stored.created = stored.modified = datetime.now(tz=timezone.utc)
         stored.checkmate_version = version
         self.fs.store[key] = stored
         return version
@@ -190,6 +196,16 @@ class MemoryBackend(Backend):
         data = bytes(stored.getbuffer())
         version = getattr(stored, "checkmate_version", None) or content_version(data)
         return data, version
+
+    def find(self, start: str) -> list[str]:
+        """Every object path below ``start``: one pass over a snapshot of the keys.
+
+        The store is one dict for the whole process, so this is linear in all of
+        its objects; it is kept to a bare prefix test per key.
+        """
+        key = self._key(start).rstrip("/")
+        prefix = key + "/"
+        return [k for k in tuple(self.fs.store) if k.startswith(prefix) or k == key]
 
     def read(self, path: str) -> bytes:
         """Return the object's bytes."""

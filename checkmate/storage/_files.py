@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
+import itertools
 import logging
 import os
 import secrets
+import stat
 import sys
 import time
 from collections.abc import Callable
@@ -29,6 +32,7 @@ TEMP_MARKER = ".cmtmp-"
 _DIR_FSYNC = os.name != "nt"
 _MAKEDIRS_TRIES = 5
 _STALE_TEMP_SECONDS = 3600.0
+_FIRST_READ = 1 << 16
 
 
 def _host_tag() -> str:
@@ -45,10 +49,23 @@ def is_temp_name(basename: str) -> bool:
     return basename.startswith(".") and (TEMP_MARKER in basename or basename == JOURNAL_NAME)
 
 
-def _temp_path(path: Path) -> Path:
-    # The writer's host tag and pid let a later sweep tell a dead writer's leftovers.
-    tag = f"{_host_tag()}-{os.getpid()}-{secrets.token_hex(4)}"
-    return path.with_name(f".{path.name}{TEMP_MARKER}{tag}")
+# (pid, "<host tag>-<pid>-<salt>") of this process; a fork gets its own.
+_temp_stem: tuple[int, str] = (-1, "")
+_temp_serial = itertools.count()
+
+
+def _temp_path(path: Path | str) -> str:
+    """A fresh temp file name beside ``path``: ``.<name>.cmtmp-<host>-<pid>-<salt><n>``.
+
+    The writer's host tag and pid let a later sweep tell a dead writer's
+    leftovers; a random salt (per process) and a counter keep names unique.
+    """
+    global _temp_stem  # noqa: PLW0603 - computed once per process
+    pid = os.getpid()
+    if _temp_stem[0] != pid:
+        _temp_stem = (pid, f"{_host_tag()}-{pid}-{secrets.token_hex(4)}")
+    head, _, name = os.fspath(path).rpartition("/")
+    return f"{head}/.{name}{TEMP_MARKER}{_temp_stem[1]}{next(_temp_serial):x}"
 
 
 def _fsync_path(path: Path) -> None:
@@ -74,7 +91,7 @@ def fsync_file(path: Path) -> None:
     _fsync_path(path)
 
 
-def _write_temp(path: Path, data: bytes, durable: bool) -> Path:
+def _write_temp(path: Path, data: bytes, durable: bool) -> str:
     """Write ``data`` to a fresh temp file beside ``path`` (fsynced if ``durable``).
 
     Creates missing parent directories, retrying if a concurrent delete prunes
@@ -97,19 +114,40 @@ def _write_temp(path: Path, data: bytes, durable: bool) -> Path:
                 os.fsync(fd)
         except BaseException:
             os.close(fd)
-            tmp.unlink(missing_ok=True)
+            _unlink_quietly(tmp)
             raise
         os.close(fd)
         return tmp
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-def _replace(tmp: Path, path: Path) -> None:
+def _unlink_quietly(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
+def _replace(tmp: str, path: Path) -> None:
     try:
         os.replace(tmp, path)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        _unlink_quietly(tmp)
         raise
+
+
+def is_directory(path: Path) -> bool:
+    """Tell whether ``path`` is a directory (one stat; False if absent)."""
+    try:
+        return stat.S_ISDIR(os.stat(path).st_mode)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+
+
+def file_names(directory: Path) -> set[str]:
+    """The names in ``directory`` (empty if it does not exist)."""
+    try:
+        return set(os.listdir(directory))
+    except (FileNotFoundError, NotADirectoryError):
+        return set()
 
 
 def make_dirs(directory: Path) -> None:
@@ -181,7 +219,7 @@ def atomic_create(path: Path, data: bytes) -> bool:
     except FileExistsError:
         return False
     finally:
-        tmp.unlink(missing_ok=True)
+        _unlink_quietly(tmp)
     fsync_dir(path.parent)
     return True
 
@@ -189,10 +227,22 @@ def atomic_create(path: Path, data: bytes) -> bool:
 def read_file(path: Path) -> bytes:
     """Return the file's bytes; FileNotFoundError if it is absent or not a file."""
     try:
-        with open(path, "rb") as handle:
-            return handle.read()
-    except (IsADirectoryError, NotADirectoryError) as exc:
+        fd = os.open(path, os.O_RDONLY)
+    except NotADirectoryError as exc:
         raise FileNotFoundError(str(path)) from exc
+    try:
+        data = os.read(fd, _FIRST_READ)
+        if len(data) < _FIRST_READ:  # a short read of a regular file: its end
+            return data
+        chunks = [data]
+        size = max(os.fstat(fd).st_size, 1)
+        while chunk := os.read(fd, size):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    except IsADirectoryError as exc:
+        raise FileNotFoundError(str(path)) from exc
+    finally:
+        os.close(fd)
 
 
 def delete_file(path: Path, root: Path) -> None:

@@ -77,6 +77,7 @@ _WRITE, _DELETE = 0, 1
 _CHECKPOINT_BYTES = 64 * 2**20
 _MAX_OPEN_DIRS = 64
 _IOV_MAX = 512
+_LIST_FIRST = 8  # read_many_in lists the directory first when asked for more names
 
 
 def _digest(data: bytes) -> bytes:
@@ -171,6 +172,7 @@ class _Dir:
 
     mutex: threading.Lock = field(default_factory=threading.Lock)
     dir_fd: int = -1
+    dir_ino: int = -1
     journal_fd: int = -1
     journal_ino: int = -1
     indexed: int = 0  # journal bytes parsed into ``index``
@@ -224,10 +226,10 @@ class JournaledDirectories:
         state = self._state(directory)
         with state.mutex:
             while True:
-                if create:
-                    _files.make_dirs(directory)
                 fd = state.dir_fd
                 if fd < 0:
+                    if create:
+                        _files.make_dirs(directory)
                     try:
                         fd = os.open(directory, os.O_RDONLY)
                     except (FileNotFoundError, NotADirectoryError):
@@ -236,10 +238,10 @@ class JournaledDirectories:
                             yield state
                             return
                         continue
-                    state.dir_fd = fd
+                    state.dir_fd, state.dir_ino = fd, os.fstat(fd).st_ino
                 fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
                 try:
-                    same = os.stat(directory).st_ino == os.fstat(fd).st_ino
+                    same = os.stat(directory).st_ino == state.dir_ino
                 except (FileNotFoundError, NotADirectoryError):
                     same = False
                 if not same:  # pruned (and maybe recreated) meanwhile: lock the new one
@@ -425,6 +427,10 @@ class JournaledDirectories:
         """Several objects of one directory with their versions, under one shared lock."""
         found: dict[str, tuple[bytes, str]] = {}
         with self._locked(directory, create=False, shared=True) as state:
+            if len(names) > _LIST_FIRST:
+                # One listing instead of a failed open per object not (yet) there.
+                files = _files.file_names(directory)
+                names = [n for n in names if n in files or n in state.index]
             for name in names:
                 data, version = self._current(directory / name, state)
                 if data is not None and version is not None:
@@ -466,12 +472,19 @@ class JournaledDirectories:
         assert all(path.parent == directory for path, _, _ in items)
         with self._locked(directory, create=True) as state:
             for path, _, version in items:
-                if path.is_dir():
+                entry = state.index.get(path.name)
+                if entry is not None and entry.op == _WRITE:
+                    current: str | None = entry.version  # a file, not a directory
+                elif _files.is_directory(path):
                     if isinstance(version, _Any):
                         raise IsADirectoryError(str(path))
                     raise VersionConflict(f"{path} is a directory", obj_name=path.name)
+                elif isinstance(version, _Any):
+                    continue
+                else:
+                    current = self._current_version(path, state)
                 if not isinstance(version, _Any):
-                    check_version(str(path), version, self._current_version(path, state))
+                    check_version(str(path), version, current)
             versions = self._append_many(
                 directory, state, _WRITE, [(path.name, data) for path, data, _ in items]
             )
