@@ -9,7 +9,7 @@ import pytest
 from pipelines import make_stages
 
 from checkmate import CheckMateEngine, CorruptStateError, LocalTaskIO, StageStatus, VersionConflict
-from checkmate.storage._journal import JOURNAL_NAME, flush_all, parse_journal
+from checkmate.storage._journal import _DATA_START, JOURNAL_NAME, flush_all, parse_journal
 
 pytestmark = pytest.mark.skipif(
     not LocalTaskIO(".").supports_conditional_write, reason="the journal needs flock (POSIX)"
@@ -113,8 +113,10 @@ def test_a_delete_is_kept_until_the_checkpoint(tmp_path: Path) -> None:
 def test_a_torn_record_is_cut_before_new_records_are_appended(tmp_path: Path, live: bool) -> None:
     writer = LocalTaskIO(tmp_path)
     writer.write("t/a.json", b"first")
-    with journal(tmp_path).open("ab") as handle:
-        handle.write(b"CMJ2\x00\x00")  # another writer died in the middle of an append
+    end = len(journal(tmp_path).read_bytes().rstrip(b"\0"))  # after the last record
+    with journal(tmp_path).open("r+b") as handle:
+        handle.seek(end)
+        handle.write(b"CMJ3\x00\x00")  # another writer died in the middle of an append
     # A writer that already has the journal open (live), or one that opens it anew.
     (writer if live else LocalTaskIO(tmp_path)).write("t/b.json", b"second")
     records = parse_journal(journal(tmp_path).read_bytes())
@@ -176,7 +178,7 @@ def test_a_journal_damaged_in_the_middle_is_refused_and_left_as_it_was(tmp_path:
     io.write("t/a.json", b"first")
     io.write("t/b.json", b"second")
     blob = bytearray(journal(tmp_path).read_bytes())
-    blob[len(b"CMJ2") + 2] ^= 0xFF  # the first record's header
+    blob[_DATA_START + 6] ^= 0xFF  # the first record's header
     journal(tmp_path).write_bytes(bytes(blob))
     for access in (
         lambda store: store.read("t/b.json"),

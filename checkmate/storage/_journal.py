@@ -44,6 +44,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import secrets
 import struct
 import threading
 import weakref
@@ -67,14 +68,26 @@ __all__ = ["ANY", "JOURNAL_NAME", "JournaledDirectories", "flush_all", "parse_jo
 logger = logging.getLogger(__name__)
 
 JOURNAL_NAME = _files.JOURNAL_NAME
-_MAGIC = b"CMJ2"
-# magic, data length, name length, op, SHA-256 of the data (16 bytes), CRC-32 of
-# the preceding header fields and the name.
-_HEAD = struct.Struct(">4sIHB16s")
+# The file starts with a header: magic, a random id (new for every journal file,
+# so that a process notices a journal that replaced the one it indexed), and a
+# CRC-32 of both. Records follow from _DATA_START.
+_FILE_MAGIC = b"CMJF"
+_FILE_HEAD = struct.Struct(">4s16sI")
+_DATA_START = 32
+_MAGIC = b"CMJ3"
+# magic, data length, name length, op, position of the record in its batch, number
+# of records in the batch, SHA-256 of the data (16 bytes); then a CRC-32 of those
+# fields and the name.
+_HEAD = struct.Struct(">4sIHBHH16s")
 _CRC = struct.Struct(">I")
 _HEADER_SIZE = _HEAD.size + _CRC.size
+_PROBE = _HEADER_SIZE + 255  # a record's header and the longest file name
 _WRITE, _DELETE = 0, 1
 _CHECKPOINT_BYTES = 64 * 2**20
+_MIN_ALLOCATION = 64 * 2**10  # zero-filled ahead of the records when a journal grows
+_MAX_FILL = 4 * 2**20
+_NO_FILL_BYTES = 2**20  # a batch this large is written without filling ahead
+_MAX_BATCH = 0xFFFF
 _MAX_OPEN_DIRS = 64
 _IOV_MAX = 512
 _LIST_FIRST = 8  # read_many_in lists the directory first when asked for more names
@@ -84,19 +97,35 @@ def _digest(data: bytes) -> bytes:
     return hashlib.sha256(data).digest()[:16]
 
 
-def _record_head(op: int, name: str, data: bytes, digest: bytes) -> bytes:
+def _file_head(journal_id: bytes) -> bytes:
+    head = _FILE_HEAD.pack(_FILE_MAGIC, journal_id, zlib.crc32(_FILE_MAGIC + journal_id))
+    return head.ljust(_DATA_START, b"\0")
+
+
+def _journal_id(head: bytes) -> bytes | None:
+    """The id in a journal's file header; None if the header is not a valid one."""
+    if len(head) < _FILE_HEAD.size:
+        return None
+    magic, journal_id, crc = _FILE_HEAD.unpack_from(head)
+    if magic != _FILE_MAGIC or zlib.crc32(magic + journal_id) != crc:
+        return None
+    return bytes(journal_id)
+
+
+def _record_head(op: int, name: str, data: bytes, digest: bytes, at: int, count: int) -> bytes:
     """A record's bytes before its data: header, header CRC, name."""
     raw_name = name.encode()
-    head = _HEAD.pack(_MAGIC, len(data), len(raw_name), op, digest)
+    head = _HEAD.pack(_MAGIC, len(data), len(raw_name), op, at, count, digest)
     crc = zlib.crc32(raw_name, zlib.crc32(head))
     return b"".join((head, _CRC.pack(crc), raw_name))
 
 
-def _write_all(fd: int, parts: list[bytes]) -> None:
-    """Write every part, in order, with as few system calls as possible (no copies)."""
+def _write_all_at(fd: int, parts: list[bytes], offset: int) -> None:
+    """Write every part, in order, from ``offset``, with few system calls (no copies)."""
     views = [memoryview(p) for p in parts if p]
     while views:
-        written = os.writev(fd, views[:_IOV_MAX])
+        written = os.pwritev(fd, views[:_IOV_MAX], offset)
+        offset += written
         while views and written >= len(views[0]):
             written -= len(views[0])
             views.pop(0)
@@ -113,46 +142,89 @@ class _Entry(NamedTuple):
     version: str
 
 
-def _scan(blob: bytes, base: int = 0) -> tuple[dict[str, _Entry], int]:
-    """Index the whole, valid records of ``blob``; return the index and its valid length."""
+class _Record(NamedTuple):
+    name: str
+    entry: _Entry
+    at: int  # position in its batch
+    batch: int  # records in its batch
+    end: int  # offset just after it, in the scanned buffer
+
+
+def _record(blob: bytes, offset: int, base: int) -> _Record | None:
+    """The whole, valid record at ``offset`` of ``blob``, or None."""
+    if offset + _HEADER_SIZE > len(blob):
+        return None
+    magic, size, name_len, op, at, count, digest = _HEAD.unpack_from(blob, offset)
+    (crc,) = _CRC.unpack_from(blob, offset + _HEAD.size)
+    start = offset + _HEADER_SIZE
+    end = start + name_len + size
+    if magic != _MAGIC or end > len(blob) or op not in (_WRITE, _DELETE) or at >= count:
+        return None
+    raw_name = blob[start : start + name_len]
+    if zlib.crc32(raw_name, zlib.crc32(blob[offset : offset + _HEAD.size])) != crc:
+        return None
+    data = blob[start + name_len : end]
+    if op == _WRITE and _digest(data) != digest:
+        return None
+    try:
+        name = raw_name.decode()
+    except UnicodeDecodeError:
+        return None
+    entry = _Entry(op, base + start + name_len, size, digest.hex())
+    return _Record(name, entry, at, count, end)
+
+
+def _batch(blob: bytes, offset: int, base: int) -> tuple[list[_Record], int] | None:
+    """The whole batch that starts at ``offset`` (every record valid), and its end."""
+    first = _record(blob, offset, base)
+    if first is None or first.at != 0:
+        return None
+    records = [first]
+    end = first.end
+    for at in range(1, first.batch):
+        record = _record(blob, end, base)
+        if record is None or record.at != at or record.batch != first.batch:
+            return None  # torn: a write that never returned
+        records.append(record)
+        end = record.end
+    return records, end
+
+
+def _scan(blob: bytes, base: int = _DATA_START) -> tuple[dict[str, _Entry], int]:
+    """Index the whole batches at the start of ``blob``; return the index and their length.
+
+    A batch is applied only if every record of it is whole and valid: a batch cut
+    short (a crash, or a power cut that kept only some of its pages) ends the
+    journal where it starts, so none of its records counts.
+    """
     index: dict[str, _Entry] = {}
     offset = 0
-    while offset + _HEADER_SIZE <= len(blob):
-        magic, size, name_len, op, digest = _HEAD.unpack_from(blob, offset)
-        (crc,) = _CRC.unpack_from(blob, offset + _HEAD.size)
-        start = offset + _HEADER_SIZE
-        end = start + name_len + size
-        if magic != _MAGIC or end > len(blob) or op not in (_WRITE, _DELETE):
-            break
-        raw_name = blob[start : start + name_len]
-        head = blob[offset : offset + _HEAD.size]
-        if zlib.crc32(raw_name, zlib.crc32(head)) != crc:
-            break
-        data = blob[start + name_len : end]
-        if op == _WRITE and _digest(data) != digest:
-            break
-        try:
-            name = raw_name.decode()
-        except UnicodeDecodeError:
-            break
-        index[name] = _Entry(op, base + start + name_len, size, digest.hex())
-        offset = end
+    while (found := _batch(blob, offset, base)) is not None:
+        records, offset = found
+        for record in records:
+            index[record.name] = record.entry
     return index, offset
 
 
-def _valid_record_in(blob: bytes) -> bool:
-    """Tell whether a whole, valid record starts anywhere in ``blob``."""
+def _valid_batch_in(blob: bytes) -> bool:
+    """Tell whether a whole, valid batch starts anywhere in ``blob``.
+
+    Pieces of a torn batch (records after its first) are not one: only damage
+    in the middle of the journal leaves whole batches behind it.
+    """
     at = blob.find(_MAGIC)
     while at >= 0:
-        if _scan(blob[at:])[1]:
+        if _batch(blob, at, 0) is not None:
             return True
         at = blob.find(_MAGIC, at + 1)
     return False
 
 
 def parse_journal(blob: bytes) -> dict[str, bytes | None]:
-    """Return the last record of each name (None: deleted); stop at a torn record."""
-    index, _ = _scan(blob)
+    """Return the last record of each name (None: deleted); stop at a torn batch."""
+    if _journal_id(blob[:_DATA_START]) is None:
+        return {}
+    index, _ = _scan(blob[_DATA_START:])
     return {
         name: None if e.op == _DELETE else blob[e.offset : e.offset + e.size]
         for name, e in index.items()
@@ -175,7 +247,10 @@ class _Dir:
     dir_ino: int = -1
     journal_fd: int = -1
     journal_ino: int = -1
-    indexed: int = 0  # journal bytes parsed into ``index``
+    journal_id: bytes = b""
+    allocated: int = 0  # the journal file's size: zeros after its last record
+    checked: bool = False  # the whole journal was read once (damage checked)
+    indexed: int = 0  # offset of the end of the records parsed into ``index``
     published: int = 0  # records below this offset are published as files already
     index: dict[str, _Entry] = field(default_factory=dict)
 
@@ -260,7 +335,13 @@ class JournaledDirectories:
 
     @staticmethod
     def _refresh(directory: Path, state: _Dir, exclusive: bool) -> None:
-        """Bring the index up to date with the journal on disk (under the flock)."""
+        """Bring the index up to date with the journal on disk (under the flock).
+
+        The journal's size does not say where its records end (it is zero-filled
+        ahead of them), so the bytes just after the last known record are read:
+        nothing new unless a record starts there.
+        """
+        del exclusive  # a torn batch needs no cutting: the next append overwrites it
         path = directory / JOURNAL_NAME
         try:
             info = os.stat(path)
@@ -270,19 +351,38 @@ class JournaledDirectories:
         if state.journal_fd < 0 or info.st_ino != state.journal_ino:
             _close_journal(state)
             try:
-                state.journal_fd = os.open(path, os.O_RDWR | os.O_APPEND)
+                state.journal_fd = os.open(path, os.O_RDWR)
             except PermissionError:  # a reader without write access (another user's CLI)
                 state.journal_fd = os.open(path, os.O_RDONLY)
             state.journal_ino = info.st_ino
-        if info.st_size < state.indexed:  # cannot happen under the flock; start over
-            state.index.clear()
-            state.indexed = state.published = 0
-        if info.st_size == state.indexed:
+        state.allocated = info.st_size
+        journal_id = _journal_id(os.pread(state.journal_fd, _FILE_HEAD.size, 0))
+        if journal_id is None:
+            if info.st_size >= _FILE_HEAD.size and any(os.pread(state.journal_fd, 1 << 20, 0)):
+                raise CorruptStateError(
+                    f"the journal {path} has a damaged header; nothing was changed. Restore "
+                    "it from a backup, or move it aside to fall back on the plain files "
+                    "(older state)",
+                    obj_name=str(path),
+                )
+            state.index.clear()  # created, but its first write never landed
+            state.journal_id, state.indexed, state.published = b"", _DATA_START, _DATA_START
             return
-        tail = os.pread(state.journal_fd, info.st_size - state.indexed, state.indexed)
+        if journal_id != state.journal_id:  # another journal file than the one indexed
+            state.index.clear()
+            state.journal_id, state.indexed, state.published = journal_id, _DATA_START, _DATA_START
+            state.checked = False
+        if state.allocated <= state.indexed:
+            return
+        if state.checked and not os.pread(state.journal_fd, _PROBE, state.indexed).strip(b"\0"):
+            return  # zeros after the last record: nothing new
+        # Something follows (a record, or bytes that need a close look), or this is
+        # the first look at this journal: read all of it, and check that no whole
+        # batch hides after bytes that are not one.
+        tail = os.pread(state.journal_fd, state.allocated - state.indexed, state.indexed)
         found, valid = _scan(tail, state.indexed)
-        if valid < len(tail) and _valid_record_in(tail[valid + 1 :]):
-            # Not a torn tail: whole records follow the bad bytes. Cutting them off
+        if valid < len(tail) and _valid_batch_in(tail[valid + 1 :]):
+            # Not a torn tail: whole batches follow the bad bytes. Skipping them
             # would lose writes that returned, so refuse and touch nothing.
             raise CorruptStateError(
                 f"the journal {path} is damaged at byte {state.indexed + valid}, with whole "
@@ -292,11 +392,7 @@ class JournaledDirectories:
             )
         state.index.update(found)
         state.indexed += valid
-        if exclusive and state.indexed < info.st_size:
-            # A writer that died in the middle of an append left a torn record:
-            # cut it off, or every record after it would be unreadable.
-            os.ftruncate(state.journal_fd, state.indexed)
-            os.fsync(state.journal_fd)
+        state.checked = True
 
     def _append(self, directory: Path, state: _Dir, op: int, name: str, data: bytes) -> str:
         """Append one record and fsync it; return the object's new version."""
@@ -305,25 +401,52 @@ class JournaledDirectories:
     def _append_many(
         self, directory: Path, state: _Dir, op: int, items: list[tuple[str, bytes]]
     ) -> list[str]:
-        """Append one record per item with a single write and fsync; return the versions."""
-        if state.journal_fd < 0:
-            path = directory / JOURNAL_NAME
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
-            state.journal_fd, state.journal_ino = fd, os.fstat(fd).st_ino
-            state.indexed = state.published = 0
-            state.index.clear()
-            _files.fsync_dir(directory)  # the new journal's name must survive a crash
+        """Append the items as one batch of records, made durable together; return versions.
+
+        The records overwrite the zeros after the last one, so making them durable
+        is an fdatasync of blocks already on disk (no metadata), the cheapest
+        durable write there is. When the journal is full it grows, zero-filled
+        ahead, and that write is fsynced.
+        """
+        new_file = state.journal_fd < 0 or not state.journal_id
+        if new_file:
+            self._create(directory, state)
         digests = [_digest(data) if op == _WRITE else bytes(16) for _, data in items]
-        heads = [_record_head(op, n, d, g) for (n, d), g in zip(items, digests, strict=True)]
+        heads = []
+        for i, ((name, data), digest) in enumerate(zip(items, digests, strict=True)):
+            first = i - i % _MAX_BATCH  # batches of at most _MAX_BATCH records
+            count = min(_MAX_BATCH, len(items) - first)
+            heads.append(_record_head(op, name, data, digest, i - first, count))
+        parts = [p for h, (_, d) in zip(heads, items, strict=True) for p in (h, d)]
+        size = sum(len(p) for p in parts)
+        start = state.indexed
+        if new_file:
+            parts.insert(0, _file_head(state.journal_id))
+            start = 0
+        end = state.indexed + size
+        grow = end > state.allocated
+        allocated = end
+        if grow and size < _NO_FILL_BYTES:
+            allocated = -(-(end + min(max(end, _MIN_ALLOCATION), _MAX_FILL)) // 4096) * 4096
+            parts.append(bytes(allocated - end))
         try:
-            parts = [p for h, (_, d) in zip(heads, items, strict=True) for p in (h, d)]
-            _write_all(state.journal_fd, parts)
-            os.fsync(state.journal_fd)
+            _write_all_at(state.journal_fd, parts, start)
+            if grow:
+                os.fsync(state.journal_fd)
+            else:
+                os.fdatasync(state.journal_fd)
         except BaseException:
-            # Whatever landed is a torn record (or an unsynced one): cut it off.
+            # Whatever landed is a batch that never returned: make sure it never counts.
             with contextlib.suppress(OSError):
-                os.ftruncate(state.journal_fd, state.indexed)
+                os.pwrite(state.journal_fd, bytes(_HEADER_SIZE), state.indexed)
+                if new_file:
+                    os.pwrite(state.journal_fd, bytes(_DATA_START), 0)
+            if new_file:
+                state.journal_id = b""
             raise
+        if new_file:
+            _files.fsync_dir(directory)  # the new journal's name must survive a crash
+        state.allocated = max(state.allocated, allocated)
         versions = []
         for (name, data), digest, head in zip(items, digests, heads, strict=True):
             version = digest.hex()
@@ -331,6 +454,19 @@ class JournaledDirectories:
             state.indexed += len(head) + len(data)
             versions.append(version)
         return versions
+
+    @staticmethod
+    def _create(directory: Path, state: _Dir) -> None:
+        """Open a new journal file (its header is written with its first batch)."""
+        path = directory / JOURNAL_NAME
+        if state.journal_fd < 0:
+            state.journal_fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            state.journal_ino = os.fstat(state.journal_fd).st_ino
+            state.allocated = os.fstat(state.journal_fd).st_size
+        state.journal_id = secrets.token_bytes(16)
+        state.indexed = state.published = _DATA_START
+        state.checked = True
+        state.index.clear()
 
     def _checkpoint(self, directory: Path, state: _Dir) -> None:
         """Publish the journal into plain, durable files, then delete it."""
@@ -635,6 +771,7 @@ def _close_journal(state: _Dir) -> None:
         with contextlib.suppress(OSError):
             os.close(state.journal_fd)
     state.journal_fd, state.journal_ino, state.indexed, state.published = -1, -1, 0, 0
+    state.journal_id, state.allocated, state.checked = b"", 0, False
     state.index.clear()
 
 

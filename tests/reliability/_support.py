@@ -550,10 +550,10 @@ class RunTracker:
 # ---------------------------------------------------------------- power cuts, replayed from strace
 
 STRACE_CALLS = (
-    "openat,open,creat,write,pwrite64,writev,lseek,ftruncate,fsync,fdatasync,syncfs,rename,"
+    "openat,open,creat,write,pwrite64,writev,pwritev,pwritev2,lseek,ftruncate,fsync,fdatasync,syncfs,rename,"
     "renameat,renameat2,link,linkat,unlink,unlinkat,mkdir,mkdirat,rmdir,close,dup,dup2,dup3"
 )
-"""The system calls `PowerCutModel` needs (``strace -f -qq -xx -y -s 65536 -e trace=...``)."""
+"""The system calls `PowerCutModel` needs (``strace -f -qq -xx -y -s 8388608 -e trace=...``)."""
 
 _CALL = re.compile(r"^(\d+)\s+(\w+)\((.*)\)\s+=\s+(-?\d+)(?:<[^>]*>)?(?:\s.*)?$")
 _HEX = re.compile(r'"((?:\\x[0-9a-f]{2})*)"(\.\.\.)?')
@@ -671,17 +671,21 @@ class PowerCutModel:
                     del self.inodes[ino].data[:]
                 self.fds[ret] = [ino, 0, "O_APPEND" in flags]
             return None
-        if call in ("write", "pwrite64", "writev"):
+        if call in ("write", "pwrite64", "writev", "pwritev", "pwritev2"):
             fd = self._fd(args[0])
             if fd == 1 and call == "write":
                 data = _HEX.match(args[1])
                 return "stdout " + _hex(data.group(1)).decode(errors="replace") if data else None
             if fd not in self.fds:
                 return None
-            if call == "writev":  # fd, [{iov_base="...", iov_len=N}, ...], count
-                iovec = ", ".join(args[1:-1])
+            # writev(fd, [{iov_base=...}, ...], count), pwritev(..., count, offset),
+            # pwritev2(..., count, offset, flags)
+            tail = {"writev": 1, "pwritev": 2, "pwritev2": 3}.get(call)
+            if tail is not None:
+                iovec = ", ".join(args[1:-tail])
                 chunks = list(_HEX.finditer(iovec))
-                assert len(chunks) == int(args[-1]), "strace abbreviated the iovec array"
+                count = int(args[-tail])
+                assert len(chunks) == count, "strace abbreviated the iovec array"
                 assert not any(m.group(2) for m in chunks), "strace cut a write short"
                 data = b"".join(_hex(m.group(1)) for m in chunks)[:ret]
             else:
@@ -691,7 +695,10 @@ class PowerCutModel:
                 data = _hex(data_match.group(1))[:ret]
             ino, pos, append = self.fds[fd]
             buf = self.inodes[ino].data
-            at = int(args[3]) if call == "pwrite64" else (len(buf) if append else pos)
+            if call in ("pwrite64", "pwritev", "pwritev2"):
+                at = int(args[-2] if call == "pwritev2" else args[-1])
+            else:
+                at = len(buf) if append else pos
             if len(buf) < at:
                 buf.extend(b"\0" * (at - len(buf)))
             buf[at : at + len(data)] = data

@@ -221,7 +221,7 @@ def strace_run(tmp_path: Path, store: Store) -> list[str]:
     tests_dir = str(Path(__file__).resolve().parent.parent)
     script.write_text(CHILD.format(tests=tests_dir, spec=store.spec, task=TASK, attempts=ATTEMPTS))
     trace = tmp_path / "trace.txt"
-    command = [strace, "-f", "-qq", "-xx", "-y", "-s", "65536", "-e", f"trace={STRACE_CALLS}"]
+    command = [strace, "-f", "-qq", "-xx", "-y", "-s", "8388608", "-e", f"trace={STRACE_CALLS}"]
     proc = subprocess.run(
         [*command, "-o", str(trace), sys.executable, str(script)],
         capture_output=True,
