@@ -1,19 +1,33 @@
-"""A write-ahead journal per directory: a durable write is one append + fsync.
+"""A write-ahead journal per directory: a durable write is one write + fdatasync.
 
-On this kind of disk, fsync is cheap (tens of microseconds) but creating a
-file, renaming over one, or deleting one whose blocks are already on disk
-costs far more. So a write to a directory only does this, under an exclusive
-lock of the directory (flock across processes, a mutex across threads):
+On this kind of disk, making a write durable is cheap when it only overwrites
+blocks that are already on disk, dearer when the file grows (its size must be
+committed too), and creating a file, renaming over one, or deleting one whose
+blocks are on disk costs far more. So a write to a directory only does this,
+under an exclusive lock of the directory (flock across processes, a mutex
+across threads):
 
-- append one record (the object's name, its full new bytes, the bytes'
-  SHA-256, a CRC of the header) to the directory's journal file
-  ``.checkmate-journal`` and fsync it. From here on the write survives a
+- write one *batch* of records (each: the object's name, its full new bytes,
+  the bytes' SHA-256, its position in the batch and the batch's size, a CRC of
+  the header) into the directory's journal file ``.checkmate-journal``, just
+  after its last record, and fdatasync it. From here on the write survives a
   crash or a power cut.
 
+The journal is zero-filled ahead of its records: when a batch does not fit, the
+file grows (geometrically, up to 4 MiB at a time) by a zero fill written with
+that batch, and that one write is fsynced. A batch counts only if every record
+of it is whole and valid: a batch cut short (a crash, or a power cut that kept
+only some of its pages) ends the journal where it starts, and the next batch
+overwrites it. Pieces of it never count: a batch must start with its first
+record. The file starts with a header holding a random id, new for every
+journal file, so a process notices a journal that replaced the one it indexed.
+
 The journal *is* the newest version of every object it names: reads take the
-directory lock shared and look in the journal first (each process keeps an
-index of name -> last record, and parses only what other processes appended
-since it last looked), then in the plain file.
+directory lock shared and look in the journal first, then in the plain file.
+Each process keeps an index of name -> last record; it reads a journal whole
+once (checking that no whole batch hides after bytes that are not one: damage
+in the middle is refused, never cut off), and after that only looks at the
+bytes just after its last known record: zeros mean nothing new.
 
 Each write is also published at once as a plain file (temp file + rename, not
 fsynced), except in directories whose publication is *deferred*: the engine
@@ -23,14 +37,13 @@ A **checkpoint** publishes the journal into plain files and deletes it: each
 object's newest bytes go to a temp file renamed into place (a delete unlinks
 the file), one syncfs(2) makes them durable (an fsync per file where there is
 no syncfs), the directory is fsynced, and only then is the journal unlinked.
-`sync` publishes in the caller's thread and leaves only the durable part to
-a background thread, which never creates a file. A crash in the middle leaves the journal, which
-still holds the truth, and the next checkpoint publishes it again. It runs
+`sync` publishes in the caller's thread and leaves only the durable part to a
+background thread, which never creates a file. A crash in the middle leaves
+the journal, which still holds the truth, and the next checkpoint publishes it
+again. It runs
 when the engine unbinds a task (`TaskIO.sync`, on a background thread), when
 the journal grows past a size, and when the last object of a directory is
-deleted. A torn record at the journal's end (a crash in the middle of an
-append, whose write had not returned) fails its checks and is ignored by
-readers and cut off by the next writer.
+deleted.
 
 Versions are content hashes, as on every other local store: the record
 carries the hash of its bytes, so a compare-and-swap needs no read and no
