@@ -7,6 +7,7 @@ names so that any tool can read it without the user's classes.
 
 from __future__ import annotations
 
+import operator
 from enum import Enum
 from typing import Generic, TypeVar
 
@@ -51,8 +52,12 @@ class StageStatus(str, Enum):
     CANCELED = "CANCELED"
     """The task was canceled before this stage could finish."""
 
+    # The member's value without Enum's Python-level descriptor: pydantic reads it
+    # for every status it serialises.
+    value = property(operator.attrgetter("_value_"))
+
     def __str__(self) -> str:
-        return self.value
+        return str(self._value_)
 
 
 class RetryPolicy(str, Enum):

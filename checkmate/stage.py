@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 from abc import ABC, abstractmethod
 from datetime import datetime
@@ -30,13 +31,38 @@ STAGE_STATE = TypeVar("STAGE_STATE", bound=BaseStageState[Any])
 
 
 def _iso(timestamp: float, zone: str) -> str:
+    """``datetime.fromtimestamp(timestamp, ZoneInfo(zone)).isoformat()``, made faster."""
     global _last_iso  # noqa: PLW0603 - a one-entry cache
     last = _last_iso
     if last[0] == timestamp and last[1] == zone:
         return last[2]
-    text = datetime.fromtimestamp(timestamp, ZoneInfo(zone)).isoformat()
+    if zone == "UTC" and timestamp >= 0:
+        text = _iso_utc(timestamp)
+    else:
+        text = datetime.fromtimestamp(timestamp, ZoneInfo(zone)).isoformat()
     _last_iso = (timestamp, zone, text)
     return text
+
+
+def _iso_utc(timestamp: float) -> str:
+    """The ISO-8601 text of a non-negative timestamp in UTC, as datetime gives it.
+
+    The date and time of the whole second are formatted once per second.
+    """
+    global _utc_second  # noqa: PLW0603 - a one-entry cache
+    fraction, whole = math.modf(timestamp)
+    micro = round(fraction * 1e6)  # half to even, as datetime.fromtimestamp rounds
+    second = int(whole)
+    if micro >= 1_000_000:
+        second, micro = second + 1, micro - 1_000_000
+    if _utc_second[0] != second:
+        _utc_second = (second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)))
+    if micro:
+        return f"{_utc_second[1]}.{micro:06d}+00:00"
+    return f"{_utc_second[1]}+00:00"
+
+
+_utc_second: tuple[int, str] = (-1, "")
 
 
 # The last timestamp formatted: the engine formats one instant several times
@@ -45,6 +71,33 @@ _last_iso: tuple[float, str, str] = (float("nan"), "", "")
 # Time zone names known to be valid (a stage is validated at every copy).
 _VALID_ZONES: set[str] = set()
 _MAX_VALID_ZONES = 1024
+
+
+# Per model class, the fields whose assignment is pydantic's plain one (no
+# validation, nothing frozen, no custom __setattr__; empty otherwise): the
+# engine's own updates of them go to the instance's __dict__, as pydantic would.
+_PLAIN_FIELDS: dict[type, frozenset[str]] = {}
+
+
+def _assign(model: BaseModel, name: str, value: Any) -> None:
+    """``setattr(model, name, value)``, without pydantic's dispatch where it adds nothing."""
+    cls = type(model)
+    plain = _PLAIN_FIELDS.get(cls)
+    if plain is None:
+        config = cls.model_config
+        fields = cls.model_fields
+        simple = (
+            cls.__setattr__ is BaseModel.__setattr__
+            and not config.get("validate_assignment")
+            and not config.get("frozen")
+            and not any(f.frozen for f in fields.values())
+        )
+        plain = _PLAIN_FIELDS[cls] = frozenset(fields) if simple else frozenset()
+    if name in plain:
+        model.__dict__[name] = value
+        model.__pydantic_fields_set__.add(name)
+    else:
+        setattr(model, name, value)
 
 
 _ENTRY_FIELDS = tuple(StageStateHistoryEntry.model_fields)
@@ -206,10 +259,10 @@ class BaseStage(BaseModel, ABC, Generic[STAGE_STATE]):
                 stage_name=self.stage_name,
             )
         if state is not None:
-            self.state = state
-        self.state.task_id = engine.task_id
-        self.state.stage_name = self.stage_name
-        self.volatile_engine_ref = engine
+            _assign(self, "state", state)
+        _assign(self.state, "task_id", engine.task_id)
+        _assign(self.state, "stage_name", self.stage_name)
+        _assign(self, "volatile_engine_ref", engine)
 
     def _detach(self) -> None:
         self.volatile_engine_ref = None
@@ -231,7 +284,7 @@ class BaseStage(BaseModel, ABC, Generic[STAGE_STATE]):
 
     def inc_attempts(self) -> int:
         """Add one to ``state.attempts`` and return the new count."""
-        self.state.attempts += 1
+        _assign(self.state, "attempts", self.state.attempts + 1)
         return self.state.attempts
 
     def persistence_file_exists(self) -> bool:
@@ -298,15 +351,15 @@ class BaseStage(BaseModel, ABC, Generic[STAGE_STATE]):
             max(0.0, end - begin_ts),
         )
         state.history.append(entry)
-        state.status = status
+        _assign(state, "status", status)
         if refund_attempt:
-            state.attempts = max(0, attempts - 1)
+            _assign(state, "attempts", max(0, attempts - 1))
         try:
             persisted = engine._persist_stage(self, create=create, hold=hold)
         except BaseException:
             state.history.pop()
-            state.status = begin_status
-            state.attempts = attempts
+            _assign(state, "status", begin_status)
+            _assign(state, "attempts", attempts)
             raise
         logger.debug(
             "task %s stage %s: %s -> %s (%s)",
