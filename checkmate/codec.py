@@ -20,7 +20,7 @@ import logging
 import re
 from typing import Any
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ConfigDict, PydanticUserError, ValidationError, create_model
 from pydantic_core import PydanticSerializationError, from_json
 
 from .errors import CorruptStateError, StateMismatchError, StateSerializationError
@@ -353,6 +353,103 @@ def _check_stage_fields(template: BaseStage[Any], doc: dict[str, Any]) -> str | 
     return None
 
 
+# id(template) -> (template, its own fields as JSON values): a stored object whose
+# fields are the template's own needs no validation of them.
+_TEMPLATE_FIELDS: dict[int, tuple[BaseStage[Any], dict[str, Any]]] = {}
+_TEMPLATE_FIELDS_MAX = 8192
+_NOT_STORED = {"state", "volatile_engine_ref"}
+
+
+def _template_fields(template: BaseStage[Any]) -> dict[str, Any]:
+    cached = _TEMPLATE_FIELDS.get(id(template))
+    if cached is not None and cached[0] is template:
+        return cached[1]
+    fields: dict[str, Any] = template.__pydantic_serializer__.to_python(
+        template, mode="json", exclude=_NOT_STORED, round_trip=True
+    )
+    if len(_TEMPLATE_FIELDS) >= _TEMPLATE_FIELDS_MAX:
+        _TEMPLATE_FIELDS.clear()
+    _TEMPLATE_FIELDS[id(template)] = (template, fields)
+    return fields
+
+
+class _Meta(BaseModel):
+    """The ``checkmate`` member of a stage object, with exact types."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    format: int
+    stage_class: str
+    position: int
+    stage_count: int
+    epoch: int = -1
+
+
+# (stage class, state class) -> a validator of whole stage objects of them, or None.
+_OBJECT_VALIDATORS: dict[tuple[type, type], Any] = {}
+_MODEL_VALIDATE = BaseModel.model_validate.__func__  # type: ignore[attr-defined]
+
+
+def _object_validator(stage_class: type, state_class: type) -> Any:
+    """A validator of a whole stage object: its meta member, its state, any other members.
+
+    None where the state class validates in its own way (it overrides
+    ``model_validate``) or no such model can be made.
+    """
+    key = (stage_class, state_class)
+    if key not in _OBJECT_VALIDATORS:
+        validator = None
+        if state_class.model_validate.__func__ is _MODEL_VALIDATE:  # type: ignore[attr-defined]
+            try:
+                model = create_model(
+                    "StageObject",
+                    __config__=ConfigDict(extra="allow"),
+                    checkmate=(_Meta, ...),
+                    state=(state_class, ...),
+                )
+                validator = model.__pydantic_validator__
+            except (TypeError, ValueError, PydanticUserError):  # pragma: no cover - defensive
+                validator = None
+        _OBJECT_VALIDATORS[key] = validator
+    return _OBJECT_VALIDATORS[key]
+
+
+def _decode_fast(
+    template: BaseStage[Any], data: bytes, task_id: str, position: int, stage_count: int
+) -> BaseStageState[Any] | None:
+    """The state of a valid object of this stage, parsed and validated in one pass.
+
+    Returns None at the first doubt: `decode_state` then parses it the slow way,
+    which names exactly what is wrong.
+    """
+    validator = _object_validator(type(template), type(template.state))
+    if validator is None or (_has_long_digit_run(data) and _has_huge_int(data)):
+        return None
+    try:
+        doc = validator.validate_json(data)
+    except (ValidationError, ValueError, RecursionError):
+        return None
+    meta: _Meta = doc.checkmate
+    state: BaseStageState[Any] = doc.state
+    fields: dict[str, Any] = doc.__pydantic_extra__ or {}
+    name = template.stage_name
+    known = _template_fields(template)
+    same_fields = {k: v for k, v in fields.items() if k in known} == known
+    if (
+        meta.format != FORMAT_VERSION
+        or meta.position != position
+        or meta.stage_count != stage_count
+        or fields.get("stage_name") != name
+        or not _same_class(meta.stage_class, class_path(type(template)))
+        or state.task_id != task_id
+        or state.stage_name != name
+        or state.status is StageStatus.UNBOUND
+        or (not same_fields and _check_stage_fields(template, fields) is not None)
+        or check_history(state) is not None
+    ):
+        return None
+    return state
+
+
 def decode_state(
     template: BaseStage[Any],
     data: bytes,
@@ -370,6 +467,10 @@ def decode_state(
         StateMismatchError: The object belongs to another stage class, position
             or task layout than the template.
     """
+    fast = _decode_fast(template, data, task_id, position, stage_count)
+    if fast is not None:
+        return fast
+    # Not a plain, valid object of this stage: find out exactly what is wrong.
     name = template.stage_name
     try:
         doc = parse_json(data)

@@ -965,6 +965,9 @@ def _round_trip(model: _M) -> _M:
 
 
 _WITHOUT_STATE = {"state"}
+_IMMUTABLE = frozenset({str, int, float, bool, type(None), bytes})
+_new_object = object.__new__
+_set_attribute = object.__setattr__
 
 
 def _copy_with_state(stage: _S_M, state: BaseStageState[Any]) -> _S_M:
@@ -973,6 +976,19 @@ def _copy_with_state(stage: _S_M, state: BaseStageState[Any]) -> _S_M:
     Only the stage's other fields are copied; falls back to a whole copy.
     """
     cls = type(stage)
+    values = stage.__dict__
+    if (
+        not stage.__pydantic_private__
+        and not stage.__pydantic_extra__
+        and all(type(value) in _IMMUTABLE for key, value in values.items() if key != "state")
+    ):
+        # Nothing to copy but the state: the other fields are immutable values.
+        shallow: _S_M = _new_object(cls)
+        _set_attribute(shallow, "__dict__", {**values, "state": state})
+        _set_attribute(shallow, "__pydantic_fields_set__", set(stage.__pydantic_fields_set__))
+        _set_attribute(shallow, "__pydantic_extra__", stage.__pydantic_extra__)
+        _set_attribute(shallow, "__pydantic_private__", stage.__pydantic_private__)
+        return shallow
     if cls.model_dump is _MODEL_DUMP and cls.model_validate.__func__ is _MODEL_VALIDATE:  # type: ignore[attr-defined]
         try:
             dumped = cls.__pydantic_serializer__.to_python(

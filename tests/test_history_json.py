@@ -19,6 +19,7 @@ from checkmate import (
     StageStateHistoryEntry,
     StageStatus,
 )
+from checkmate import codec
 from checkmate.codec import _SPLICE_OK, HistoryJSON, encode_stage
 
 S = StageStatus
@@ -124,3 +125,32 @@ def test_a_long_history_round_trips_through_the_engine(tmp_path: Any) -> None:
     stored = json.loads(io.read(name))
     assert PipeState.model_validate(stored["state"]).model_dump() == expected
     assert len(stored["state"]["history"]) == 81
+
+
+def test_stored_objects_decode_the_same_in_one_pass_and_the_careful_way(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A valid object is parsed and validated in one pass; the step-by-step path (which
+    names what is wrong in a bad one) gives the same state."""
+    io = LocalTaskIO(tmp_path)
+    templates = make_stages(3)
+    with CheckMateEngine(io, task_id="t", stage_templates=templates) as engine:
+        engine.execute()
+        names = [stage.obj_name for stage in engine.stages]
+    objects = [io.read(name) for name in names]
+
+    def decode(position: int) -> Any:
+        return codec.decode_state(
+            templates[position],
+            objects[position],
+            obj_name=names[position],
+            task_id="t",
+            position=position,
+            stage_count=3,
+        )
+
+    fast = [codec._decode_fast(templates[i], objects[i], "t", i, 3) for i in range(3)]
+    assert all(state is not None for state in fast)
+    monkeypatch.setattr(codec, "_decode_fast", lambda *args: None)
+    careful = [decode(i) for i in range(3)]
+    assert [s.model_dump() for s in fast if s] == [s.model_dump() for s in careful]

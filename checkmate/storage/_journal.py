@@ -103,7 +103,7 @@ _NO_FILL_BYTES = 2**20  # a batch this large is written without filling ahead
 _MAX_BATCH = 0xFFFF
 _MAX_OPEN_DIRS = 64
 _IOV_MAX = 512
-_LIST_FIRST = 8  # read_many_in lists the directory first when asked for more names
+_LIST_FIRST = 8  # write_many lists the directory first when given more objects
 
 
 def _digest(data: bytes) -> bytes:
@@ -576,10 +576,6 @@ class JournaledDirectories:
         """Several objects of one directory with their versions, under one shared lock."""
         found: dict[str, tuple[bytes, str]] = {}
         with self._locked(directory, create=False, shared=True) as state:
-            if len(names) > _LIST_FIRST:
-                # One listing instead of a failed open per object not (yet) there.
-                files = _files.file_names(directory)
-                names = [n for n in names if n in files or n in state.index]
             for name in names:
                 data, version = self._current(directory / name, state)
                 if data is not None and version is not None:
@@ -620,10 +616,15 @@ class JournaledDirectories:
         directory = items[0][0].parent
         assert all(path.parent == directory for path, _, _ in items)
         with self._locked(directory, create=True) as state:
+            # Many objects at once (a new task's): one listing tells which are absent,
+            # instead of a stat and a failed open each.
+            listed = _files.file_names(directory) if len(items) > _LIST_FIRST else None
             for path, _, version in items:
                 entry = state.index.get(path.name)
                 if entry is not None and entry.op == _WRITE:
                     current: str | None = entry.version  # a file, not a directory
+                elif listed is not None and path.name not in listed:
+                    current = None  # neither a file nor a directory
                 elif _files.is_directory(path):
                     if isinstance(version, _Any):
                         raise IsADirectoryError(str(path))
