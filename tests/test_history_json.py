@@ -18,8 +18,8 @@ from checkmate import (
     LocalTaskIO,
     StageStateHistoryEntry,
     StageStatus,
+    codec,
 )
-from checkmate import codec
 from checkmate.codec import _SPLICE_OK, HistoryJSON, encode_stage
 
 S = StageStatus
