@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import weakref
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, PydanticUserError, ValidationError, create_model
@@ -353,23 +354,24 @@ def _check_stage_fields(template: BaseStage[Any], doc: dict[str, Any]) -> str | 
     return None
 
 
-# id(template) -> (template, its own fields as JSON values): a stored object whose
-# fields are the template's own needs no validation of them.
-_TEMPLATE_FIELDS: dict[int, tuple[BaseStage[Any], dict[str, Any]]] = {}
+# id(template) -> (a weak reference to it, its own fields as JSON values): a stored
+# object whose fields are the template's own needs no validation of them.
+_TEMPLATE_FIELDS: dict[int, tuple[weakref.ref[BaseStage[Any]], dict[str, Any]]] = {}
 _TEMPLATE_FIELDS_MAX = 8192
 _NOT_STORED = {"state", "volatile_engine_ref"}
 
 
 def _template_fields(template: BaseStage[Any]) -> dict[str, Any]:
+    """The template's fields as they are stored (JSON values), but its state."""
     cached = _TEMPLATE_FIELDS.get(id(template))
-    if cached is not None and cached[0] is template:
+    if cached is not None and cached[0]() is template:
         return cached[1]
     fields: dict[str, Any] = template.__pydantic_serializer__.to_python(
         template, mode="json", exclude=_NOT_STORED, round_trip=True
     )
     if len(_TEMPLATE_FIELDS) >= _TEMPLATE_FIELDS_MAX:
         _TEMPLATE_FIELDS.clear()
-    _TEMPLATE_FIELDS[id(template)] = (template, fields)
+    _TEMPLATE_FIELDS[id(template)] = (weakref.ref(template), fields)
     return fields
 
 

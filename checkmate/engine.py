@@ -966,6 +966,7 @@ def _round_trip(model: _M) -> _M:
 
 _WITHOUT_STATE = {"state"}
 _IMMUTABLE = frozenset({str, int, float, bool, type(None), bytes})
+_FIELD_NAMES: dict[type, frozenset[str]] = {}
 _new_object = object.__new__
 _set_attribute = object.__setattr__
 
@@ -977,9 +978,13 @@ def _copy_with_state(stage: _S_M, state: BaseStageState[Any]) -> _S_M:
     """
     cls = type(stage)
     values = stage.__dict__
+    fields = _FIELD_NAMES.get(cls)
+    if fields is None:
+        fields = _FIELD_NAMES[cls] = frozenset(cls.model_fields)
     if (
         not stage.__pydantic_private__
         and not stage.__pydantic_extra__
+        and values.keys() <= fields  # nothing cached beside the fields
         and all(type(value) in _IMMUTABLE for key, value in values.items() if key != "state")
     ):
         # Nothing to copy but the state: the other fields are immutable values.

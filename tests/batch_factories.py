@@ -22,7 +22,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from checkmate import BaseStage, BaseStageState, CheckMateEngine, RetryPolicy, TaskIO
+from checkmate import BaseStage, BaseStageState, CheckMateEngine, RetryPolicy, StageStatus, TaskIO
 
 LOG_ENV = "CHECKMATE_BATCH_LOG"
 BLOCK_TASK_ENV = "CHECKMATE_BATCH_BLOCK_TASK"
@@ -134,7 +134,7 @@ class Pipeline:
             if name == "s1" and task_id == self.crash_task:
                 fields["crash"] = True
             stages.append(LoggedStage(stage_name=name, state=LogState(), add=i + 1, **fields))
-        return CheckMateEngine(
+        engine = LoggedEngine(
             io,
             task_id=task_id,
             stage_templates=stages,
@@ -143,6 +143,20 @@ class Pipeline:
             lock_ttl=self.lock_ttl,
             lock_skew=self.lock_skew,
         )
+        engine.log_path = self.log_path
+        return engine
+
+
+class LoggedEngine(CheckMateEngine[Any, Any]):
+    """Logs ``"<task> <stage> <attempt> persisted"`` once a stage's COMPLETE is durable."""
+
+    log_path = ""
+
+    def state_update_hook(self, stage: Any) -> None:
+        if stage.state.status is StageStatus.COMPLETE:
+            append(
+                self.log_path, f"{self.task_id} {stage.stage_name} {stage.state.attempts} persisted"
+            )
 
 
 def cli_pipeline(task_id: str, io: TaskIO) -> CheckMateEngine[Any, Any]:
