@@ -25,7 +25,7 @@ WORKER = PEERS_DIR / "cm_worker.py"
 CONTENDERS: dict[str, tuple[bool, str]] = {
     "checkmate:local": (
         True,
-        "LocalTaskIO: one journal append + fsync per stage (its RUNNING with the "
+        "LocalTaskIO: one journal write + fdatasync per stage (its RUNNING with the "
         "previous COMPLETE)",
     ),
     "checkmate:local_flush": (True, "same, and each run waits for the deferred checkpoint"),

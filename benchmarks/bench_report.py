@@ -68,7 +68,7 @@ its contention for the interpreter lock made each stage about 170 µs slower,
 far more than the publication it took off the unbind.)
 
 Two writes that follow each other with no user code in between share one
-append + fsync (`TaskIO.write_many_if`): a new task's CREATED objects are
+batch and one fdatasync (`TaskIO.write_many_if`): a new task's CREATED objects are
 written as one batch at bind, and a stage's COMPLETE goes out together with the
 next stage's RUNNING (or with whatever the engine writes next; before
 `execute()` returns or raises it is written on its own). Nothing observes the

@@ -6,7 +6,8 @@ previous stage's state and returns it (puts it in its own state), calling
 
 Variants:
   local        - `LocalTaskIO` in the worker's temp dir: every status change journaled
-                 and fsynced before the engine goes on (the engine's default local store);
+                 and made durable (fdatasync) before the engine goes on (the engine's
+                 default local store);
                  the journal checkpoint that `unbind` starts runs on a background thread
   local_flush  - the same, and `run` also waits for that background checkpoint
                  (`LocalTaskIO.flush`): the whole cost of the run, nothing deferred
