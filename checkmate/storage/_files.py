@@ -64,8 +64,8 @@ def _temp_path(path: Path | str) -> str:
     pid = os.getpid()
     if _temp_stem[0] != pid:
         _temp_stem = (pid, f"{_host_tag()}-{pid}-{secrets.token_hex(4)}")
-    head, _, name = os.fspath(path).rpartition("/")
-    return f"{head}/.{name}{TEMP_MARKER}{_temp_stem[1]}{next(_temp_serial):x}"
+    head, name = os.path.split(os.fspath(path))
+    return os.path.join(head, f".{name}{TEMP_MARKER}{_temp_stem[1]}{next(_temp_serial):x}")
 
 
 def _fsync_path(path: Path) -> None:
