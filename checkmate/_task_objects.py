@@ -170,7 +170,7 @@ class TaskObjects:
         """Collect the creating writes made inside; write them together at the end.
 
         On a store that can (the local journal), a new task's objects are then
-        made durable with one append + fsync. Nothing is written if the block
+        made durable with one write + fdatasync. Nothing is written if the block
         raises.
         """
         self._batch = []

@@ -35,7 +35,7 @@ from .naming import (
     task_prefix,
 )
 from .retry import StorageRetry
-from .stage import BaseStage
+from .stage import BaseStage, _construct
 from .storage.base import TaskIO
 from .transitions import aggregate_status, find_invalid_pair
 
@@ -967,8 +967,6 @@ def _round_trip(model: _M) -> _M:
 _WITHOUT_STATE = {"state"}
 _IMMUTABLE = frozenset({str, int, float, bool, type(None), bytes})
 _FIELD_NAMES: dict[type, frozenset[str]] = {}
-_new_object = object.__new__
-_set_attribute = object.__setattr__
 
 
 def _copy_with_state(stage: _S_M, state: BaseStageState[Any]) -> _S_M:
@@ -988,12 +986,13 @@ def _copy_with_state(stage: _S_M, state: BaseStageState[Any]) -> _S_M:
         and all(type(value) in _IMMUTABLE for key, value in values.items() if key != "state")
     ):
         # Nothing to copy but the state: the other fields are immutable values.
-        shallow: _S_M = _new_object(cls)
-        _set_attribute(shallow, "__dict__", {**values, "state": state})
-        _set_attribute(shallow, "__pydantic_fields_set__", set(stage.__pydantic_fields_set__))
-        _set_attribute(shallow, "__pydantic_extra__", stage.__pydantic_extra__)
-        _set_attribute(shallow, "__pydantic_private__", stage.__pydantic_private__)
-        return shallow
+        return _construct(
+            cls,
+            {**values, "state": state},
+            set(stage.__pydantic_fields_set__),
+            stage.__pydantic_extra__,
+            stage.__pydantic_private__,
+        )
     if cls.model_dump is _MODEL_DUMP and cls.model_validate.__func__ is _MODEL_VALIDATE:  # type: ignore[attr-defined]
         try:
             dumped = cls.__pydantic_serializer__.to_python(

@@ -119,10 +119,8 @@ def _history_entry(
     The values need no validation, and every field is set, so the instance is
     built directly (several times faster than ``model_construct``).
     """
-    entry = _new_object(StageStateHistoryEntry)
-    _set_attribute(
-        entry,
-        "__dict__",
+    return _construct(
+        StageStateHistoryEntry,
         {
             "attempt": attempt,
             "begin_status": begin_status,
@@ -132,11 +130,31 @@ def _history_entry(
             "message": message,
             "run_time_seconds": run_time_seconds,
         },
+        set(_ENTRY_FIELDS),
     )
-    _set_attribute(entry, "__pydantic_fields_set__", set(_ENTRY_FIELDS))
-    _set_attribute(entry, "__pydantic_extra__", None)
-    _set_attribute(entry, "__pydantic_private__", None)
-    return entry
+
+
+_M = TypeVar("_M", bound=BaseModel)
+
+
+def _construct(
+    cls: type[_M],
+    values: dict[str, Any],
+    fields_set: set[str],
+    extra: dict[str, Any] | None = None,
+    private: dict[str, Any] | None = None,
+) -> _M:
+    """An instance of ``cls`` holding ``values`` as they are (no validation, no copy).
+
+    What ``model_construct`` builds, without its per-field work: for values
+    that are valid already.
+    """
+    model = _new_object(cls)
+    _set_attribute(model, "__dict__", values)
+    _set_attribute(model, "__pydantic_fields_set__", fields_set)
+    _set_attribute(model, "__pydantic_extra__", extra)
+    _set_attribute(model, "__pydantic_private__", private)
+    return model
 
 
 class BaseStage(BaseModel, ABC, Generic[STAGE_STATE]):

@@ -338,7 +338,7 @@ class JournaledDirectories:
                     _close_journal(state)
                     continue
                 try:
-                    self._refresh(directory, state, exclusive=not shared)
+                    self._refresh(directory, state)
                     yield state
                     return
                 finally:
@@ -347,14 +347,14 @@ class JournaledDirectories:
     # ------------------------------------------------------------------ journal
 
     @staticmethod
-    def _refresh(directory: Path, state: _Dir, exclusive: bool) -> None:
+    def _refresh(directory: Path, state: _Dir) -> None:
         """Bring the index up to date with the journal on disk (under the flock).
 
         The journal's size does not say where its records end (it is zero-filled
         ahead of them), so the bytes just after the last known record are read:
-        nothing new unless a record starts there.
+        nothing new unless a record starts there. A torn batch needs no cutting:
+        the next write overwrites it.
         """
-        del exclusive  # a torn batch needs no cutting: the next append overwrites it
         path = directory / JOURNAL_NAME
         try:
             info = os.stat(path)
@@ -371,7 +371,8 @@ class JournaledDirectories:
         state.allocated = info.st_size
         journal_id = _journal_id(os.pread(state.journal_fd, _FILE_HEAD.size, 0))
         if journal_id is None:
-            if info.st_size >= _FILE_HEAD.size and any(os.pread(state.journal_fd, 1 << 20, 0)):
+            head = os.pread(state.journal_fd, 1 << 20, 0)
+            if info.st_size >= _FILE_HEAD.size and head.strip(b"\0"):
                 raise CorruptStateError(
                     f"the journal {path} has a damaged header; nothing was changed. Restore "
                     "it from a backup, or move it aside to fall back on the plain files "
@@ -408,7 +409,7 @@ class JournaledDirectories:
         state.checked = True
 
     def _append(self, directory: Path, state: _Dir, op: int, name: str, data: bytes) -> str:
-        """Append one record and fsync it; return the object's new version."""
+        """Write one record as a batch of its own; return the object's new version."""
         return self._append_many(directory, state, op, [(name, data)])[0]
 
     def _append_many(
@@ -474,8 +475,8 @@ class JournaledDirectories:
         path = directory / JOURNAL_NAME
         if state.journal_fd < 0:
             state.journal_fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-            state.journal_ino = os.fstat(state.journal_fd).st_ino
-            state.allocated = os.fstat(state.journal_fd).st_size
+            info = os.fstat(state.journal_fd)
+            state.journal_ino, state.allocated = info.st_ino, info.st_size
         state.journal_id = secrets.token_bytes(16)
         state.indexed = state.published = _DATA_START
         state.checked = True
@@ -608,7 +609,7 @@ class JournaledDirectories:
         return self.write_many([(path, data, version)])[0]
 
     def write_many(self, items: list[tuple[Path, bytes, str | _Any | None]]) -> list[str]:
-        """Write several objects of one directory with one append + fsync.
+        """Write several objects of one directory as one batch, made durable together.
 
         Every version is checked before anything is written: on a conflict,
         nothing is.

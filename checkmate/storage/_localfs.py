@@ -1,7 +1,7 @@
 """One implementation of every local-disk operation, for `LocalTaskIO` and ``file://``.
 
 On POSIX, writes go through the per-directory journal (`_journal`): durable
-with one append + fsync, published with a cheap rename, compare-and-swap
+with one write + fdatasync, published with a cheap rename, compare-and-swap
 under a directory lock. Elsewhere (Windows) each write is a temp file, fsync,
 rename and directory fsync, and compare-and-swap is not offered.
 """
@@ -85,7 +85,7 @@ class LocalFiles:
         return self._journal.write(self.path(name), data, version)
 
     def write_many_if(self, items: list[tuple[str, bytes, str | None]]) -> list[str]:
-        """Compare-and-swap several objects; one append + fsync per directory (journaled only)."""
+        """Compare-and-swap several objects; one write + fdatasync in one directory (journaled)."""
         assert self._journal is not None
         if len({name.rpartition("/")[0] for name, _, _ in items}) == 1:
             return self._journal.write_many([(self.path(n), d, v) for n, d, v in items])

@@ -138,7 +138,7 @@ class TaskIO(ABC):
         """`write_if` several objects, in order; return their new versions.
 
         Stores that can make several writes durable at once (the local
-        journal: one append + fsync for all) override this. The default writes
+        journal: one write + fdatasync for all) override this. The default writes
         one after another and stops at the first error, so on failure any
         prefix of the items may have been written.
 

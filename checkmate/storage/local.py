@@ -18,12 +18,12 @@ class LocalTaskIO(TaskIO):
     """Store objects as files below a root directory.
 
     Every write is durable before it returns and atomic for readers. On POSIX
-    systems a write appends the new bytes to a per-directory journal and
-    fsyncs it; reads look in the journal first. When the engine unbinds, the
+    systems a write puts the new bytes in a per-directory journal and
+    fdatasyncs it; reads look in the journal first. When the engine unbinds, the
     task's objects are published as plain files (temp file + rename) and a
     background checkpoint makes them durable and deletes the journal, so a
     finished task is plain JSON files.
-    This keeps a durable checkpoint at one append + fsync, where creating or
+    This keeps a durable checkpoint at one write + fdatasync, where creating or
     renaming files costs far more. Compare-and-swap runs under an exclusive
     lock of the directory (flock), so it is atomic between processes of one
     host.
@@ -89,7 +89,7 @@ class LocalTaskIO(TaskIO):
         return self._files.write_if(self._name(obj_name), data, version)
 
     def write_many_if(self, items: Sequence[tuple[str, bytes, str | None]]) -> list[str]:
-        """Compare-and-swap several objects: one journal append + fsync for a task's objects."""
+        """Compare-and-swap several objects: one journal write + fdatasync for a task's objects."""
         if not self.supports_conditional_write:
             return super().write_many_if(items)
         return self._files.write_many_if([(self._name(n), d, v) for n, d, v in items])
