@@ -7,7 +7,13 @@ import os
 import socket
 from dataclasses import dataclass
 
-__all__ = ["HostIdentity", "process_alive", "process_start_time", "this_host"]
+__all__ = [
+    "HostIdentity",
+    "own_start_time",
+    "process_alive",
+    "process_start_time",
+    "this_host",
+]
 
 
 @dataclass(frozen=True)
@@ -58,6 +64,18 @@ def process_start_time(pid: int) -> int | None:
         return int(fields[19])
     except ValueError:
         return None
+
+
+_own_start: tuple[int, int | None] = (-1, None)  # (pid, its start time); a fork gets its own
+
+
+def own_start_time() -> int | None:
+    """This process's `process_start_time`, read once per process (it never changes)."""
+    global _own_start  # noqa: PLW0603 - read once per process
+    pid = os.getpid()
+    if _own_start[0] != pid:
+        _own_start = (pid, process_start_time(pid))
+    return _own_start[1]
 
 
 def process_alive(pid: int, start_time: int | None) -> bool:

@@ -233,6 +233,8 @@ def _has_long_digit_run(data: bytes) -> bool:
     Such a run covers two consecutive bytes of every stride-``_STRIDE`` sample,
     so only the neighbourhoods of consecutive digit samples are searched.
     """
+    if len(data) < _HUGE_DIGITS:
+        return False
     samples = data[::_STRIDE]
     for i in range(len(samples) - 1):
         if (

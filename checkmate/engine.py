@@ -35,7 +35,7 @@ from .naming import (
     task_prefix,
 )
 from .retry import StorageRetry
-from .stage import BaseStage, _construct
+from .stage import BaseStage, _assign, _construct
 from .storage.base import TaskIO
 from .transitions import aggregate_status, find_invalid_pair
 
@@ -724,7 +724,7 @@ class CheckMateEngine(Generic[STAGE, STAGE_RESULT]):
                     now,
                 )
                 raise self._failure(stage, last_error)
-            previous = stage.state if index == 0 else _copy_model(self._stages[index - 1].state)
+            previous = stage.state if index == 0 else _copy_state(self._stages[index - 1].state)
             attempt = stage.inc_attempts()
             begin = time.time()
             try:
@@ -947,6 +947,7 @@ class CheckMateEngine(Generic[STAGE, STAGE_RESULT]):
 
 _M = TypeVar("_M", bound=BaseModel)
 _S_M = TypeVar("_S_M", bound=BaseStage[Any])
+_St = TypeVar("_St", bound=BaseStageState[Any])
 _MODEL_DUMP = BaseModel.model_dump
 _MODEL_VALIDATE = BaseModel.model_validate.__func__  # type: ignore[attr-defined]
 
@@ -1008,6 +1009,57 @@ def _copy_with_state(stage: _S_M, state: BaseStageState[Any]) -> _S_M:
     copy = _copy_model(stage)
     copy.state = state
     return copy
+
+
+_HISTORY = {"history"}
+_HISTORY_TYPE = BaseStageState.model_fields["history"].annotation
+_SHARES_HISTORY: dict[type, bool] = {}
+
+
+def _history_shareable(cls: type[BaseStageState[Any]]) -> bool:
+    """Tell whether a copy of a ``cls`` state may share the history entries of the original.
+
+    History entries are frozen, so sharing them is safe unless the class could
+    treat its history differently from the base class (its own validators,
+    serialisers, or dump/validate methods, or another history type).
+    """
+    shareable = _SHARES_HISTORY.get(cls)
+    if shareable is None:
+        deco = cls.__pydantic_decorators__
+        per_field = {f for d in deco.field_validators.values() for f in d.info.fields}
+        per_field.update(f for d in deco.field_serializers.values() for f in d.info.fields)
+        shareable = _SHARES_HISTORY[cls] = (
+            cls.model_fields["history"].annotation == _HISTORY_TYPE
+            and cls.model_dump is _MODEL_DUMP
+            and cls.model_validate.__func__ is _MODEL_VALIDATE  # type: ignore[attr-defined]
+            and not (
+                deco.validators
+                or deco.root_validators
+                or deco.model_validators
+                or deco.model_serializers
+            )
+            and not per_field & {"history", "*"}
+        )
+    return shareable
+
+
+def _copy_state(state: _St) -> _St:
+    """A validated deep copy of a stage state, in a new list of the same history entries.
+
+    The entries are frozen: copying them again (most of the cost of a copy once
+    a stage has run) would change nothing. Falls back to `_copy_model`.
+    """
+    cls = type(state)
+    if _history_shareable(cls):
+        try:
+            dumped = cls.__pydantic_serializer__.to_python(state, round_trip=True, exclude=_HISTORY)
+            copy: _St = cls.__pydantic_validator__.validate_python(dumped)
+        except (ValueError, TypeError):
+            pass
+        else:
+            _assign(copy, "history", list(state.history))
+            return copy
+    return _copy_model(state)
 
 
 def _copy_model(model: _M) -> _M:

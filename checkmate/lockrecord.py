@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ._host import process_alive, process_start_time, this_host
+from ._host import own_start_time, process_alive, this_host
 
 __all__ = ["LeaseRecord", "LockOwner"]
 
@@ -68,7 +68,7 @@ def _this_process() -> dict[str, object]:
         "boot_id": host.boot_id,
         "pid_namespace": host.pid_namespace,
         "pid": pid,
-        "pid_start": process_start_time(pid),
+        "pid_start": own_start_time(),
         "token": uuid.uuid4().hex,
         "acquired_at": datetime.now(timezone.utc).isoformat(),
     }

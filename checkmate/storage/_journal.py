@@ -355,7 +355,7 @@ class JournaledDirectories:
         nothing new unless a record starts there. A torn batch needs no cutting:
         the next write overwrites it.
         """
-        path = directory / JOURNAL_NAME
+        path = os.path.join(directory, JOURNAL_NAME)
         try:
             info = os.stat(path)
         except FileNotFoundError:
@@ -615,7 +615,9 @@ class JournaledDirectories:
         nothing is.
         """
         directory = items[0][0].parent
-        assert all(path.parent == directory for path, _, _ in items)
+        if len(items) > 1:
+            head = os.fspath(directory)
+            assert all(os.path.dirname(path) == head for path, _, _ in items)
         with self._locked(directory, create=True) as state:
             # Many objects at once (a new task's): one listing tells which are absent,
             # instead of a stat and a failed open each.

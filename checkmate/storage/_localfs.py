@@ -18,6 +18,8 @@ from .base import content_version
 
 __all__ = ["LocalFiles"]
 
+_PATH_CACHE_SIZE = 4096
+
 
 class LocalFiles:
     """Objects as files below ``root`` (names are relative, '/'-separated, pre-checked)."""
@@ -26,10 +28,17 @@ class LocalFiles:
         self.root = root
         self.journaled = _files.CAS_SUPPORTED
         self._journal = JournaledDirectories(root) if self.journaled else None
+        self._paths: dict[str, Path] = {}  # a task's names come back with every write
 
     def path(self, name: str) -> Path:
         """The file of an object name."""
-        return self.root.joinpath(*name.split("/"))
+        path = self._paths.get(name)
+        if path is None:
+            path = self.root.joinpath(*name.split("/"))
+            if len(self._paths) >= _PATH_CACHE_SIZE:
+                self._paths.clear()
+            self._paths[name] = path
+        return path
 
     def read(self, name: str) -> bytes:
         """The object's bytes (FileNotFoundError if absent)."""
