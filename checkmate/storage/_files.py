@@ -224,10 +224,13 @@ def atomic_create(path: Path, data: bytes) -> bool:
     return True
 
 
-def read_file(path: Path) -> bytes:
-    """Return the file's bytes; FileNotFoundError if it is absent or not a file."""
+def read_file(path: Path | str, dir_fd: int | None = None) -> bytes:
+    """Return the file's bytes; FileNotFoundError if it is absent or not a file.
+
+    With ``dir_fd``, ``path`` is relative to that open directory.
+    """
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY, dir_fd=dir_fd)
     except NotADirectoryError as exc:
         raise FileNotFoundError(str(path)) from exc
     try:
@@ -327,9 +330,9 @@ def sweep_temp_files(root: Path, prefix: str) -> int:
     return removed
 
 
-def read_or_none(path: Path) -> bytes | None:
-    """The file's bytes, or None if it does not exist."""
+def read_or_none(path: Path | str, dir_fd: int | None = None) -> bytes | None:
+    """The file's bytes, or None if it does not exist (``dir_fd`` as in `read_file`)."""
     try:
-        return read_file(path)
+        return read_file(path, dir_fd)
     except FileNotFoundError:
         return None

@@ -577,10 +577,19 @@ class JournaledDirectories:
         """Several objects of one directory with their versions, under one shared lock."""
         found: dict[str, tuple[bytes, str]] = {}
         with self._locked(directory, create=False, shared=True) as state:
+            if state.dir_fd < 0:  # no such directory
+                return found
             for name in names:
-                data, version = self._current(directory / name, state)
-                if data is not None and version is not None:
-                    found[name] = (data, version)
+                entry = state.index.get(name)
+                if entry is None:  # a plain file: opened relative to the locked directory
+                    data = _files.read_or_none(name, state.dir_fd)
+                    if data is not None:
+                        found[name] = (data, content_version(data))
+                elif entry.op == _WRITE:
+                    found[name] = (
+                        os.pread(state.journal_fd, entry.size, entry.offset),
+                        entry.version,
+                    )
         return found
 
     def exists(self, path: Path) -> bool:
