@@ -37,6 +37,7 @@ from bench_util import (
     BENCH_DIR,
     REPO,
     add_harness_paths,
+    delete_leftovers,
     fmt_ms,
     fmt_us,
     fmt_x,
@@ -451,7 +452,10 @@ def main() -> int:
     started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     load_start = loadavg()
     t0 = time.monotonic()
-    results = run_parts(parts, args.quick)
+    try:
+        results = run_parts(parts, args.quick)
+    finally:
+        delete_leftovers()
     results["meta"] = {
         "started": started,
         "mode": "quick" if args.quick else "full",

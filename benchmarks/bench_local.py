@@ -7,12 +7,7 @@ and the background journal checkpoint that checkmate starts at unbind is
 waited for (``flush``) outside the timings, so that it never lands in another
 contender's measurement (its duration is recorded).
 
-No run's files are deleted between runs, only each series' temp dir at its end.
-On this disk (ext4 without a journal) a file creation skips every inode deleted
-in the last 60-360 s (``recently_deleted`` in the kernel's inode allocator): with
-a cleanup after each run, creating a file cost up to 600 µs instead of 30-50 µs
-(perf shows ``find_inode_bit``/``recently_deleted``), and the bench's own
-cleanup landed in the next contender's timing.
+No run's files are deleted before the whole benchmark ends (`bench_util.delete_later`).
 """
 
 from __future__ import annotations
@@ -84,7 +79,7 @@ def run_once(name: str, c: Any, n: int, payload: Payload) -> dict[str, float]:
         t0 = now()
         c.io.flush()
         result["flush"] = (now() - t0) / n
-    # The run's files stay until the series' temp dir goes (see the module docstring).
+    # The run's files stay until the benchmark ends (see the module docstring).
     return result
 
 

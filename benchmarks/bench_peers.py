@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from collections import defaultdict
 from typing import Any
 
-from bench_util import PEERS_DIR, log, med, now, tmp_root
+from bench_util import PEERS_DIR, delete_later, log, med, now, tmp_root
 
 WORKER = PEERS_DIR / "cm_worker.py"
 
@@ -40,15 +39,10 @@ CONTENDERS: dict[str, tuple[bool, str]] = {
 NS = ("20", "200")
 
 
-def run_worker(
-    args: list[str], timeout: float, leftovers: list[str]
-) -> tuple[dict[str, Any] | None, float, str]:
+def run_worker(args: list[str], timeout: float) -> tuple[dict[str, Any] | None, float, str]:
     """Run one worker process; return its record, its spawn-to-exit wall and any error.
 
-    Its work dir is added to ``leftovers``, deleted after the last round: deleting
-    thousands of files between workers slows the next worker's file creations on
-    this disk (see `bench_local`), which would charge one contender's cleanup to
-    the next.
+    Its work dir is deleted when the benchmark ends (`bench_util.delete_later`).
     """
     cmd = [sys.executable, str(WORKER), *args, "--keep"]
     t0 = now()
@@ -64,7 +58,7 @@ def run_worker(
         if line.startswith("@@RESULT "):
             rec = json.loads(line[len("@@RESULT ") :])
     if rec is not None and rec.get("workdir"):
-        leftovers.append(rec["workdir"])
+        delete_later(rec["workdir"])
     err = "" if rec is not None else (proc.stderr[-3000:] or f"rc={proc.returncode}")
     return rec, wall, err
 
@@ -73,24 +67,19 @@ def run_rounds(rounds: int, reps: int, names: list[str] | None = None) -> list[d
     """All contenders interleaved, order rotated each round; one record per worker process."""
     names = names or list(CONTENDERS)
     records: list[dict[str, Any]] = []
-    leftovers: list[str] = []
-    try:
-        for r in range(rounds):
-            k = r % len(names)
-            for name in names[k:] + names[:k]:
-                args = [name, "--reps", str(reps), "--warmup", "1", "--tag", f"round{r}"]
-                if CONTENDERS[name][0]:
-                    args += ["--resume", "200:150"]
-                rec, wall, err = run_worker(args, timeout=600, leftovers=leftovers)
-                if rec is None:
-                    rec = {"contender": name, "error": err}
-                rec.update({"round": r, "proc_wall_s": wall})
-                records.append(rec)
-                status = "ERROR " + err.strip().splitlines()[-1][:200] if "error" in rec else "ok"
-                log(f"  T1 round {r + 1}/{rounds} {name:24s} {wall:6.1f}s {status}")
-    finally:
-        for workdir in leftovers:
-            shutil.rmtree(workdir, ignore_errors=True)
+    for r in range(rounds):
+        k = r % len(names)
+        for name in names[k:] + names[:k]:
+            args = [name, "--reps", str(reps), "--warmup", "1", "--tag", f"round{r}"]
+            if CONTENDERS[name][0]:
+                args += ["--resume", "200:150"]
+            rec, wall, err = run_worker(args, timeout=600)
+            if rec is None:
+                rec = {"contender": name, "error": err}
+            rec.update({"round": r, "proc_wall_s": wall})
+            records.append(rec)
+            status = "ERROR " + err.strip().splitlines()[-1][:200] if "error" in rec else "ok"
+            log(f"  T1 round {r + 1}/{rounds} {name:24s} {wall:6.1f}s {status}")
     return records
 
 
