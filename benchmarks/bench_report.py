@@ -467,6 +467,14 @@ def write(results: dict[str, Any], targets_table: str, doc: Path, img: Path) -> 
         "(the machine is shared: other work ran meanwhile).",
         f"- checkmate at commit {m.get('commit', 'unknown')}; Python {m['python']}; "
         f"{m['versions']}.",
+        "- Nothing a run wrote is deleted before the whole benchmark ends. This disk is "
+        "ext4 without a journal, where creating a file skips every inode deleted in the "
+        "last 60-360 s (`recently_deleted` in the kernel's inode allocator, seen with "
+        "`perf`): right after thousands of deletions a file creation cost up to 600 µs "
+        "instead of 30-50 µs, so a cleanup between runs landed in whatever was measured "
+        "next. Contenders that create files (checkmate publishing one file per stage at "
+        "unbind, the floors) pay it whenever deletions precede them, in this benchmark or "
+        "in real use.",
         "",
         "## Targets (issue 5)",
         "",

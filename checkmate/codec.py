@@ -19,7 +19,7 @@ import json
 import logging
 import re
 import weakref
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, PydanticUserError, ValidationError, create_model
 from pydantic_core import PydanticSerializationError, from_json
@@ -28,6 +28,9 @@ from .errors import CorruptStateError, StateMismatchError, StateSerializationErr
 from .models import BaseStageState, StageStateHistoryEntry, StageStatus
 from .stage import BaseStage
 from .transitions import can_transition
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
 
 __all__ = [
     "check_history",
@@ -151,13 +154,14 @@ def _splice_allowed(stage_class: type[BaseModel], state_class: type[BaseModel]) 
     )
 
 
-def _spliced_body(stage: BaseStage[Any], history: HistoryJSON) -> bytes | None:
-    """The stage's JSON with its history spliced in from ``history``; None if not possible.
+def _spliced_parts(stage: BaseStage[Any], history: HistoryJSON) -> list[Buffer] | None:
+    """The stage's JSON, but its opening brace, with its history spliced in from ``history``.
 
-    Everything before the state's ``attempts`` member is a string, so the first
-    ``"attempts":N,`` in the JSON is that member, and ``history`` follows it.
-    The first splice of each pair of classes is checked against the plain
-    serialisation.
+    Returned as pieces to join (views of one serialisation, no copies of a large
+    state); None if a splice is not possible. Everything before the state's
+    ``attempts`` member is a string, so the first ``"attempts":N,`` in the JSON
+    is that member, and ``history`` follows it. The first splice of each pair
+    of classes is checked against the plain serialisation.
     """
     state = stage.state
     key = (type(stage), type(state))
@@ -177,12 +181,13 @@ def _spliced_body(stage: BaseStage[Any], history: HistoryJSON) -> bytes | None:
         _SPLICE_OK[key] = False
         return None
     at += len(marker)
-    spliced = b"".join((body[:at], b'"history":[', history.of(state.history), b"],", body[at:]))
-    if not checked and spliced != serializer.to_json(stage, warnings="error"):
+    view = memoryview(body)
+    parts: list[Buffer] = [view[1:at], b'"history":[', history.of(state.history), b"],", view[at:]]
+    if not checked and b"".join((b"{", *parts)) != serializer.to_json(stage, warnings="error"):
         logger.debug("history splice disabled for %s", class_path(type(stage)))
         _SPLICE_OK[key] = False
         return None
-    return spliced
+    return parts
 
 
 def encode_stage(
@@ -197,16 +202,18 @@ def encode_stage(
         StateSerializationError: The stage or its state holds a value JSON cannot hold.
     """
     try:
-        body: bytes | None = None
+        # The pieces of the stage's JSON after its opening brace (``prefix`` has one).
+        parts: list[Buffer] | None = None
         if type(stage).model_dump_json is _MODEL_DUMP_JSON:
             if history is not None and len(stage.state.history) >= _SPLICE_MIN_ENTRIES:
-                body = _spliced_body(stage, history)
-            if body is None:
+                parts = _spliced_parts(stage, history)
+            if parts is None:
                 # What model_dump_json does, without its decode to str (the encoder's
                 # bytes are UTF-8 already).
                 body = stage.__pydantic_serializer__.to_json(stage, warnings="error")
+                parts = [memoryview(body)[1:]]
         else:
-            body = stage.model_dump_json(warnings="error").encode()
+            parts = [memoryview(stage.model_dump_json(warnings="error").encode())[1:]]
     except (PydanticSerializationError, ValueError, TypeError) as exc:
         raise StateSerializationError(
             f"stage {stage.stage_name!r} of task {task_id!r} cannot be saved: its state "
@@ -215,7 +222,7 @@ def encode_stage(
             task_id=task_id,
             stage_name=stage.stage_name,
         ) from exc
-    data = b"".join((prefix, memoryview(body)[1:]))  # one copy of a large body, not two
+    data = b"".join((prefix, *parts))  # the one copy of a large state
     if _has_long_digit_run(data) and _has_huge_int(data):
         raise StateSerializationError(
             f"stage {stage.stage_name!r} of task {task_id!r} cannot be saved: its state holds "
