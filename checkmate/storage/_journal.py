@@ -286,6 +286,9 @@ class JournaledDirectories:
         _LIVE.add(self)
 
     def _state(self, directory: Path) -> _Dir:
+        state = self._dirs.get(directory)  # an atomic read; only a new entry needs the guard
+        if state is not None:
+            return state
         with self._guard:
             state = self._dirs.get(directory)
             if state is None:
@@ -617,16 +620,17 @@ class JournaledDirectories:
         """
         return self.write_many([(path, data, version)])[0]
 
-    def write_many(self, items: list[tuple[Path, bytes, str | _Any | None]]) -> list[str]:
+    def write_many(
+        self, items: list[tuple[Path, bytes, str | _Any | None]], directory: Path | None = None
+    ) -> list[str]:
         """Write several objects of one directory as one batch, made durable together.
 
         Every version is checked before anything is written: on a conflict,
-        nothing is.
+        nothing is. ``directory`` is the items' parent directory (by default,
+        the first item's).
         """
-        directory = items[0][0].parent
-        if len(items) > 1:
-            head = os.fspath(directory)
-            assert all(os.path.dirname(path) == head for path, _, _ in items)
+        if directory is None:
+            directory = items[0][0].parent
         with self._locked(directory, create=True) as state:
             # Many objects at once (a new task's): one listing tells which are absent,
             # instead of a stat and a failed open each.

@@ -28,7 +28,10 @@ class LocalFiles:
         self.root = root
         self.journaled = _files.CAS_SUPPORTED
         self._journal = JournaledDirectories(root) if self.journaled else None
-        self._paths: dict[str, Path] = {}  # a task's names come back with every write
+        # A task's names come back with every write: the same Path objects each time
+        # (their hashes and strings are computed once).
+        self._paths: dict[str, Path] = {}
+        self._dirs: dict[str, Path] = {}
 
     def path(self, name: str) -> Path:
         """The file of an object name."""
@@ -39,6 +42,16 @@ class LocalFiles:
                 self._paths.clear()
             self._paths[name] = path
         return path
+
+    def _directory(self, head: str) -> Path:
+        """The directory of the names that start with ``head/`` (``""``: the root)."""
+        directory = self._dirs.get(head)
+        if directory is None:
+            directory = self.path(head) if head else self.root
+            if len(self._dirs) >= _PATH_CACHE_SIZE:
+                self._dirs.clear()
+            self._dirs[head] = directory
+        return directory
 
     def read(self, name: str) -> bytes:
         """The object's bytes (FileNotFoundError if absent)."""
@@ -69,7 +82,7 @@ class LocalFiles:
             head, _, base = name.rpartition("/")
             by_dir.setdefault(head, []).append(base)
         for head, bases in by_dir.items():
-            directory = self.path(head) if head else self.root
+            directory = self._directory(head)
             prefix = head + "/" if head else ""
             for base, got in self._journal.read_many_in(directory, bases).items():
                 found[prefix + base] = got
@@ -96,8 +109,11 @@ class LocalFiles:
     def write_many_if(self, items: list[tuple[str, bytes, str | None]]) -> list[str]:
         """Compare-and-swap several objects; one write + fdatasync in one directory (journaled)."""
         assert self._journal is not None
-        if len({name.rpartition("/")[0] for name, _, _ in items}) == 1:
-            return self._journal.write_many([(self.path(n), d, v) for n, d, v in items])
+        heads = {name.rpartition("/")[0] for name, _, _ in items}
+        if len(heads) == 1:
+            return self._journal.write_many(
+                [(self.path(n), d, v) for n, d, v in items], self._directory(heads.pop())
+            )
         return [self.write_if(n, d, v) for n, d, v in items]
 
     def delete(self, name: str) -> None:
