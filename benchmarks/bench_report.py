@@ -41,7 +41,9 @@ and the batch's size, CRC-32 of the header) into the directory's journal
 `.checkmate-journal`, just after its last record, over zeros written earlier,
 and fdatasyncs it. The write is durable when it returns. When a batch does not
 fit, the journal grows geometrically (up to 4 MiB at a time) by a zero fill
-written with that batch, and that write is fsynced: a few times per task.
+written with that batch, and that write is fsynced: a few times per task. A
+batch of 64 KiB or more (a large state, a long history) is appended without a
+fill: zeros would double what it writes to save one fsync's metadata.
 
 The journal *is* the newest version of what it names: every read takes the
 directory lock shared and looks in the journal first, then in the plain file.

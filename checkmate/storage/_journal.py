@@ -15,7 +15,8 @@ across threads):
 
 The journal is zero-filled ahead of its records: when a batch does not fit, the
 file grows (geometrically, up to 4 MiB at a time) by a zero fill written with
-that batch, and that one write is fsynced. A batch counts only if every record
+that batch, and that one write is fsynced (a batch of 64 KiB or more is appended
+without a fill). A batch counts only if every record
 of it is whole and valid: a batch cut short (a crash, or a power cut that kept
 only some of its pages) ends the journal where it starts, and the next batch
 overwrites it. Pieces of it never count: a batch must start with its first
@@ -99,7 +100,10 @@ _WRITE, _DELETE = 0, 1
 _CHECKPOINT_BYTES = 64 * 2**20
 _MIN_ALLOCATION = 64 * 2**10  # zero-filled ahead of the records when a journal grows
 _MAX_FILL = 4 * 2**20
-_NO_FILL_BYTES = 2**20  # a batch this large is written without filling ahead
+# A batch this large is appended without a fill: the zeros would double what it
+# writes, for an overwrite that saves one fsync's metadata (measured: a status
+# change of a 235 KiB object went from 1.38-1.48x a plain file write to 1.15-1.27x).
+_NO_FILL_BYTES = 64 * 2**10
 _MAX_BATCH = 0xFFFF
 _MAX_OPEN_DIRS = 64
 _IOV_MAX = 512
