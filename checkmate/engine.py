@@ -1021,15 +1021,18 @@ def _history_shareable(cls: type[BaseStageState[Any]]) -> bool:
 
     History entries are frozen, so sharing them is safe unless the class could
     treat its history differently from the base class (its own validators,
-    serialisers, or dump/validate methods, or another history type).
+    serialisers, or dump/validate methods, another history type, or a frozen one).
     """
     shareable = _SHARES_HISTORY.get(cls)
     if shareable is None:
         deco = cls.__pydantic_decorators__
         per_field = {f for d in deco.field_validators.values() for f in d.info.fields}
         per_field.update(f for d in deco.field_serializers.values() for f in d.info.fields)
+        history = cls.model_fields["history"]
         shareable = _SHARES_HISTORY[cls] = (
-            cls.model_fields["history"].annotation == _HISTORY_TYPE
+            history.annotation == _HISTORY_TYPE
+            and not history.frozen
+            and not cls.model_config.get("frozen")
             and cls.model_dump is _MODEL_DUMP
             and cls.model_validate.__func__ is _MODEL_VALIDATE  # type: ignore[attr-defined]
             and not (

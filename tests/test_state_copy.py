@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from pydantic import BaseModel, field_validator, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 from checkmate import BaseStageState, StageStateHistoryEntry, StageStatus
 from checkmate.engine import _copy_model, _copy_state
@@ -38,6 +38,10 @@ class ValidatesHistory(BaseStageState[Any]):
     @classmethod
     def _keep(cls, value: list[StageStateHistoryEntry]) -> list[StageStateHistoryEntry]:
         return value
+
+
+class FrozenHistory(BaseStageState[Any]):
+    history: list[StageStateHistoryEntry] = Field(default_factory=list, frozen=True)
 
 
 def _entry(i: int) -> StageStateHistoryEntry:
@@ -78,8 +82,8 @@ def test_a_copy_equals_the_full_copy_and_shares_only_the_frozen_entries(entries:
     assert state.inner.items == [1, 2]
 
 
-@pytest.mark.parametrize("cls", [ChecksHistory, ValidatesHistory])
-def test_a_class_with_its_own_validation_gets_the_full_copy(cls: type[Any]) -> None:
+@pytest.mark.parametrize("cls", [ChecksHistory, ValidatesHistory, FrozenHistory])
+def test_a_class_that_treats_its_history_its_own_way_gets_the_full_copy(cls: type[Any]) -> None:
     state = _with_history(cls(), 3)
     copy = _copy_state(state)
     assert copy == _copy_model(state)
