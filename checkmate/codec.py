@@ -384,6 +384,30 @@ def _template_fields(template: BaseStage[Any]) -> dict[str, Any]:
     return fields
 
 
+_JSON_SCALARS = frozenset({str, int, float, bool, type(None)})
+
+
+def _same_fields(template: BaseStage[Any], fields: dict[str, Any]) -> bool:
+    """Tell whether a stored object's stage fields are the template's own.
+
+    Plain values (strings, numbers, booleans, None) are compared directly, type
+    and value, as JSON parses them; anything else through `_template_fields`.
+    """
+    if not (type(template).__pydantic_computed_fields__ or template.__pydantic_extra__):
+        for key, value in template.__dict__.items():
+            if key in _NOT_STORED:
+                continue
+            if type(value) not in _JSON_SCALARS:
+                break
+            stored = fields.get(key, _NOT_STORED)
+            if type(stored) is not type(value) or stored != value:
+                return False
+        else:
+            return True
+    known = _template_fields(template)
+    return {k: v for k, v in fields.items() if k in known} == known
+
+
 class _Meta(BaseModel):
     """The ``checkmate`` member of a stage object, with exact types."""
 
@@ -443,8 +467,7 @@ def _decode_fast(
     state: BaseStageState[Any] = doc.state
     fields: dict[str, Any] = doc.__pydantic_extra__ or {}
     name = template.stage_name
-    known = _template_fields(template)
-    same_fields = {k: v for k, v in fields.items() if k in known} == known
+    same_fields = _same_fields(template, fields)
     if (
         meta.format != FORMAT_VERSION
         or meta.position != position

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 from pydantic import BaseModel, Field, field_validator, model_validator
@@ -57,7 +57,10 @@ def _entry(i: int) -> StageStateHistoryEntry:
     )
 
 
-def _with_history(state: BaseStageState[Any], entries: int) -> BaseStageState[Any]:
+_S = TypeVar("_S", bound=BaseStageState[Any])
+
+
+def _with_history(state: _S, entries: int) -> _S:
     state.history.extend(_entry(i) for i in range(entries))
     return state
 
