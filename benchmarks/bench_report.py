@@ -476,7 +476,8 @@ def write(results: dict[str, Any], targets_table: str, doc: Path, img: Path) -> 
         "instead of 30-50 µs, so a cleanup between runs landed in whatever was measured "
         "next. Contenders that create files (checkmate publishing one file per stage at "
         "unbind, the floors) pay it whenever deletions precede them, in this benchmark or "
-        "in real use.",
+        "in real use; a run started a minute or two after another run's cleanup (or the "
+        "test suite's) is slowed the same way.",
         "",
         "## Targets (issue 5)",
         "",
