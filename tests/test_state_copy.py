@@ -1,4 +1,4 @@
-"""The copy of the previous stage's state that each stage receives (`engine._copy_state`)."""
+"""The copy of the previous stage's state that each stage receives (`_copies.copy_state`)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 from pydantic import BaseModel, Field, field_validator, model_validator
 
 from checkmate import BaseStageState, StageStateHistoryEntry, StageStatus
-from checkmate.engine import _copy_model, _copy_state
+from checkmate._copies import copy_model, copy_state
 
 S = StageStatus
 
@@ -70,9 +70,9 @@ def test_a_copy_equals_the_full_copy_and_shares_only_the_frozen_entries(entries:
     state = _with_history(
         Plain(note="n", inner=Inner(items=[1, 2]), result=Inner(items=[3])), entries
     )
-    copy = _copy_state(state)
-    assert copy == _copy_model(state) == state
-    assert copy.model_fields_set == _copy_model(state).model_fields_set
+    copy = copy_state(state)
+    assert copy == copy_model(state) == state
+    assert copy.model_fields_set == copy_model(state).model_fields_set
     assert copy.history is not state.history
     assert all(a is b for a, b in zip(copy.history, state.history, strict=True))
     # everything mutable is the copy's own
@@ -88,8 +88,8 @@ def test_a_copy_equals_the_full_copy_and_shares_only_the_frozen_entries(entries:
 @pytest.mark.parametrize("cls", [ChecksHistory, ValidatesHistory, FrozenHistory])
 def test_a_class_that_treats_its_history_its_own_way_gets_the_full_copy(cls: type[Any]) -> None:
     state = _with_history(cls(), 3)
-    copy = _copy_state(state)
-    assert copy == _copy_model(state)
+    copy = copy_state(state)
+    assert copy == copy_model(state)
     assert all(a is not b for a, b in zip(copy.history, state.history, strict=True))
     if cls is ChecksHistory:
         assert copy.seen == 3  # its validator saw the history
