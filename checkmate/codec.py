@@ -155,7 +155,7 @@ def _splice_allowed(stage_class: type[BaseModel], state_class: type[BaseModel]) 
 
 
 def _spliced_parts(stage: BaseStage[Any], history: HistoryJSON) -> list[Buffer] | None:
-    """The stage's JSON, but its opening brace, with its history spliced in from ``history``.
+    """The stage's JSON without its opening brace, its history spliced in from ``history``.
 
     Returned as pieces to join (views of one serialisation, no copies of a large
     state); None if a splice is not possible. Everything before the state's
@@ -385,6 +385,7 @@ def _template_fields(template: BaseStage[Any]) -> dict[str, Any]:
 
 
 _JSON_SCALARS = frozenset({str, int, float, bool, type(None)})
+_ABSENT = object()
 
 
 def _same_fields(template: BaseStage[Any], fields: dict[str, Any]) -> bool:
@@ -399,7 +400,7 @@ def _same_fields(template: BaseStage[Any], fields: dict[str, Any]) -> bool:
                 continue
             if type(value) not in _JSON_SCALARS:
                 break
-            stored = fields.get(key, _NOT_STORED)
+            stored = fields.get(key, _ABSENT)
             if type(stored) is not type(value) or stored != value:
                 return False
         else:
