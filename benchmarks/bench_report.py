@@ -59,7 +59,8 @@ per-write file at all. When the engine unbinds, after releasing the lock, it
 in the caller's thread, so that a caller who deletes the store right after the
 run never races a background thread creating files), and a background thread
 **checkpoints** the journal: one `syncfs(2)` makes every published file
-durable (an fsync per file where syncfs is missing), the directory is fsynced,
+durable (an fsync per file when there are at most 16, or where syncfs is
+missing), the directory is fsynced,
 and only then is the journal deleted. A finished task is plain JSON files
 again. Writes outside a bound task (a user writing their own objects through
 the TaskIO) are also published at once with a temp file and a rename (not

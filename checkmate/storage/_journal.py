@@ -36,8 +36,9 @@ defers its task's directory while it holds the task, and syncs it at unbind.
 
 A **checkpoint** publishes the journal into plain files and deletes it: each
 object's newest bytes go to a temp file renamed into place (a delete unlinks
-the file), one syncfs(2) makes them durable (an fsync per file where there is
-no syncfs), the directory is fsynced, and only then is the journal unlinked.
+the file), one syncfs(2) makes them durable (an fsync per file when there are
+at most 16, or where there is no syncfs), the directory is fsynced, and only
+then is the journal unlinked.
 `sync` publishes in the caller's thread and leaves only the durable part to a
 background thread, which never creates a file. A crash in the middle leaves
 the journal, which still holds the truth, and the next checkpoint publishes it
@@ -98,6 +99,7 @@ _HEADER_SIZE = _HEAD.size + _CRC.size
 _PROBE = _HEADER_SIZE + 255  # a record's header and the longest file name
 _WRITE, _DELETE = 0, 1
 _CHECKPOINT_BYTES = 64 * 2**20
+_FSYNC_EACH_MAX = 16  # a checkpoint of at most this many files fsyncs each, not the file system
 _MIN_ALLOCATION = 64 * 2**10  # zero-filled ahead of the records when a journal grows
 _MAX_FILL = 4 * 2**20
 # A batch this large is appended without a fill: the zeros would double what it
@@ -494,12 +496,13 @@ class JournaledDirectories:
         if state.journal_fd < 0:
             return
         self._publish(directory, state)
-        # One syncfs(2) for the whole directory where there is one (Linux): far
-        # cheaper than an fsync per file; else an fsync per file.
-        if not _files.sync_filesystem(directory):
-            for name, entry in state.index.items():
-                if entry.op == _WRITE:
-                    _files.fsync_file(directory / name)
+        written = [name for name, entry in state.index.items() if entry.op == _WRITE]
+        # A few files get an fsync each, which waits for them alone. Many (a task's
+        # stages) get one syncfs(2) where there is one (Linux): far cheaper than an
+        # fsync per file, though it also waits for the file system's other dirty data.
+        if len(written) <= _FSYNC_EACH_MAX or not _files.sync_filesystem(directory):
+            for name in written:
+                _files.fsync_file(directory / name)
         _files.fsync_dir(directory)
         (directory / JOURNAL_NAME).unlink(missing_ok=True)
         _files.fsync_dir(directory)
