@@ -24,6 +24,15 @@ _MODEL_DUMP = BaseModel.model_dump
 _MODEL_VALIDATE = BaseModel.model_validate.__func__  # type: ignore[attr-defined]
 
 
+def _uses_base_methods(cls: type[BaseModel]) -> bool:
+    """Tell whether ``cls`` dumps and validates with pydantic's own methods.
+
+    Then its serializer and validator may be called directly (what those
+    methods do, without their overhead).
+    """
+    return cls.model_dump is _MODEL_DUMP and cls.model_validate.__func__ is _MODEL_VALIDATE  # type: ignore[attr-defined]
+
+
 def round_trip(model: _M) -> _M:
     """``model_validate(model_dump(round_trip=True))``: a validated deep copy.
 
@@ -31,7 +40,7 @@ def round_trip(model: _M) -> _M:
     methods do) unless its class overrides either method.
     """
     cls = type(model)
-    if cls.model_dump is _MODEL_DUMP and cls.model_validate.__func__ is _MODEL_VALIDATE:  # type: ignore[attr-defined]
+    if _uses_base_methods(cls):
         dumped = cls.__pydantic_serializer__.to_python(model, round_trip=True)
         return cls.__pydantic_validator__.validate_python(dumped)  # type: ignore[no-any-return]
     return cls.model_validate(model.model_dump(round_trip=True))
@@ -66,7 +75,7 @@ def copy_with_state(stage: _S_M, state: BaseStageState[Any]) -> _S_M:
             stage.__pydantic_extra__,
             stage.__pydantic_private__,
         )
-    if cls.model_dump is _MODEL_DUMP and cls.model_validate.__func__ is _MODEL_VALIDATE:  # type: ignore[attr-defined]
+    if _uses_base_methods(cls):
         try:
             dumped = cls.__pydantic_serializer__.to_python(
                 stage, round_trip=True, exclude=_WITHOUT_STATE
@@ -105,8 +114,7 @@ def _history_shareable(cls: type[BaseStageState[Any]]) -> bool:
             history.annotation == _HISTORY_TYPE
             and not history.frozen
             and not cls.model_config.get("frozen")
-            and cls.model_dump is _MODEL_DUMP
-            and cls.model_validate.__func__ is _MODEL_VALIDATE  # type: ignore[attr-defined]
+            and _uses_base_methods(cls)
             and not (
                 deco.validators
                 or deco.root_validators

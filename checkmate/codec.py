@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-import weakref
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, PydanticUserError, ValidationError, create_model
@@ -363,24 +362,14 @@ def _check_stage_fields(template: BaseStage[Any], doc: dict[str, Any]) -> str | 
     return None
 
 
-# id(template) -> (a weak reference to it, its own fields as JSON values): a stored
-# object whose fields are the template's own needs no validation of them.
-_TEMPLATE_FIELDS: dict[int, tuple[weakref.ref[BaseStage[Any]], dict[str, Any]]] = {}
-_TEMPLATE_FIELDS_MAX = 8192
 _NOT_STORED = {"state", "volatile_engine_ref"}
 
 
 def _template_fields(template: BaseStage[Any]) -> dict[str, Any]:
     """The template's fields as they are stored (JSON values), but its state."""
-    cached = _TEMPLATE_FIELDS.get(id(template))
-    if cached is not None and cached[0]() is template:
-        return cached[1]
     fields: dict[str, Any] = template.__pydantic_serializer__.to_python(
         template, mode="json", exclude=_NOT_STORED, round_trip=True
     )
-    if len(_TEMPLATE_FIELDS) >= _TEMPLATE_FIELDS_MAX:
-        _TEMPLATE_FIELDS.clear()
-    _TEMPLATE_FIELDS[id(template)] = (weakref.ref(template), fields)
     return fields
 
 
@@ -393,6 +382,8 @@ def _same_fields(template: BaseStage[Any], fields: dict[str, Any]) -> bool:
 
     Plain values (strings, numbers, booleans, None) are compared directly, type
     and value, as JSON parses them; anything else through `_template_fields`.
+    Either way a stored object whose fields are the template's own needs no
+    validation of them.
     """
     if not (type(template).__pydantic_computed_fields__ or template.__pydantic_extra__):
         for key, value in template.__dict__.items():
@@ -468,7 +459,6 @@ def _decode_fast(
     state: BaseStageState[Any] = doc.state
     fields: dict[str, Any] = doc.__pydantic_extra__ or {}
     name = template.stage_name
-    same_fields = _same_fields(template, fields)
     if (
         meta.format != FORMAT_VERSION
         or meta.position != position
@@ -478,7 +468,9 @@ def _decode_fast(
         or state.task_id != task_id
         or state.stage_name != name
         or state.status is StageStatus.UNBOUND
-        or (not same_fields and _check_stage_fields(template, fields) is not None)
+        or (
+            not _same_fields(template, fields) and _check_stage_fields(template, fields) is not None
+        )
         or check_history(state) is not None
     ):
         return None

@@ -12,6 +12,7 @@ import hashlib
 import re
 import uuid
 
+from ._memo import BoundedMemo
 from .errors import ConfigurationError
 from .models import STAGE_NAME_MAX_LENGTH
 
@@ -149,10 +150,6 @@ def cancel_obj_name(task_id: str) -> str:
     return f"{task_id}/{_CANCEL_NAME}"
 
 
-_CHECKED_NAMES: set[str] = set()
-_CHECKED_NAMES_MAX = 8192
-
-
 def check_obj_name(obj_name: str) -> str:
     """Return ``obj_name`` if it is a safe relative object name, else raise.
 
@@ -160,8 +157,12 @@ def check_obj_name(obj_name: str) -> str:
         ConfigurationError: The name is empty, absolute, contains a backslash,
             NUL, or an empty, ``.`` or ``..`` path component.
     """
-    if type(obj_name) is str and obj_name in _CHECKED_NAMES:
-        return obj_name
+    if type(obj_name) is str:  # a task's names come back with every storage call
+        return _CHECKED_NAMES[obj_name]
+    return _check_obj_name(obj_name)
+
+
+def _check_obj_name(obj_name: str) -> str:
     if not isinstance(obj_name, str) or not obj_name:
         raise ConfigurationError(f"invalid object name {obj_name!r}", obj_name=None)
     parts = obj_name.split("/")
@@ -171,8 +172,7 @@ def check_obj_name(obj_name: str) -> str:
             "with no empty, '.' or '..' component, backslash or NUL",
             obj_name=obj_name,
         )
-    if type(obj_name) is str:  # a task's names come back with every storage call
-        if len(_CHECKED_NAMES) >= _CHECKED_NAMES_MAX:
-            _CHECKED_NAMES.clear()
-        _CHECKED_NAMES.add(obj_name)
     return obj_name
+
+
+_CHECKED_NAMES: BoundedMemo[str, str] = BoundedMemo(_check_obj_name, 8192)

@@ -17,6 +17,7 @@ from typing import Any
 
 from fsspec.implementations.memory import MemoryFile
 
+from .._memo import BoundedMemo
 from ..errors import VersionConflict
 from ._localfs import LocalFiles
 from .base import check_version, content_version
@@ -27,7 +28,6 @@ __all__ = ["Backend", "LocalFileBackend", "MemoryBackend"]
 # create-if-absent and compare-and-swap atomic for every thread of the process.
 _MEMORY_LOCK = threading.RLock()
 # Paths a MemoryBackend has resolved to store keys (bounded: cleared when full).
-_KEY_CACHE_SIZE = 4096
 # The versions of memory objects: one process-wide sequence (taken under _MEMORY_LOCK).
 _GENERATIONS = itertools.count(1)
 
@@ -156,16 +156,11 @@ class MemoryBackend(Backend):
 
     def __init__(self, fs: Any, root: str) -> None:
         super().__init__(fs, root)
-        self._keys: dict[str, str] = {}
+        strip = fs._strip_protocol
+        self._keys: BoundedMemo[str, str] = BoundedMemo(lambda path: str(strip(path)))
 
     def _key(self, path: str) -> str:
-        key = self._keys.get(path)
-        if key is None:
-            key = str(self.fs._strip_protocol(path))
-            if len(self._keys) >= _KEY_CACHE_SIZE:
-                self._keys.clear()
-            self._keys[path] = key
-        return key
+        return self._keys[path]
 
     def _put(self, key: str, data: bytes) -> str:
         # A generation number, like a GCS generation: unique to each write in the

@@ -541,16 +541,17 @@ class JournaledDirectories:
         return names
 
     @staticmethod
-    def _current(
-        path: Path, state: _Dir, versioned: bool = True
-    ) -> tuple[bytes | None, str | None]:
-        """The object's bytes and version; (None, None) if absent.
+    def _current(name: str, state: _Dir, versioned: bool = True) -> tuple[bytes | None, str | None]:
+        """The bytes and version of object ``name`` of the locked directory; (None, None) if absent.
 
-        Without ``versioned`` the version of a plain file is not computed (None).
+        A plain file is opened relative to the locked directory. Without
+        ``versioned`` the version of a plain file is not computed (None).
         """
-        entry = state.index.get(path.name)
+        entry = state.index.get(name)
         if entry is None:
-            data = _files.read_or_none(path)
+            if state.dir_fd < 0:  # no such directory
+                return None, None
+            data = _files.read_or_none(name, state.dir_fd)
             if data is None or not versioned:
                 return data, None
             return data, content_version(data)
@@ -558,19 +559,12 @@ class JournaledDirectories:
             return None, None
         return os.pread(state.journal_fd, entry.size, entry.offset), entry.version
 
-    @staticmethod
-    def _current_version(path: Path, state: _Dir) -> str | None:
-        entry = state.index.get(path.name)
-        if entry is not None:
-            return None if entry.op == _DELETE else entry.version
-        return JournaledDirectories._current(path, state)[1]
-
     # ------------------------------------------------------------------ operations
 
     def read(self, path: Path) -> bytes:
         """The object's newest bytes (FileNotFoundError if absent)."""
         with self._locked(path.parent, create=False, shared=True) as state:
-            data, _ = self._current(path, state, versioned=False)
+            data, _ = self._current(path.name, state, versioned=False)
         if data is None:
             raise FileNotFoundError(str(path))
         return data
@@ -578,7 +572,7 @@ class JournaledDirectories:
     def read_versioned(self, path: Path) -> tuple[bytes, str]:
         """The object's newest bytes and version (FileNotFoundError if absent)."""
         with self._locked(path.parent, create=False, shared=True) as state:
-            data, version = self._current(path, state)
+            data, version = self._current(path.name, state)
         if data is None or version is None:
             raise FileNotFoundError(str(path))
         return data, version
@@ -587,19 +581,10 @@ class JournaledDirectories:
         """Several objects of one directory with their versions, under one shared lock."""
         found: dict[str, tuple[bytes, str]] = {}
         with self._locked(directory, create=False, shared=True) as state:
-            if state.dir_fd < 0:  # no such directory
-                return found
             for name in names:
-                entry = state.index.get(name)
-                if entry is None:  # a plain file: opened relative to the locked directory
-                    data = _files.read_or_none(name, state.dir_fd)
-                    if data is not None:
-                        found[name] = (data, content_version(data))
-                elif entry.op == _WRITE:
-                    found[name] = (
-                        os.pread(state.journal_fd, entry.size, entry.offset),
-                        entry.version,
-                    )
+                data, version = self._current(name, state)
+                if data is not None and version is not None:
+                    found[name] = (data, version)
         return found
 
     def exists(self, path: Path) -> bool:
@@ -655,7 +640,7 @@ class JournaledDirectories:
                 elif isinstance(version, _Any):
                     continue
                 else:
-                    current = self._current_version(path, state)
+                    current = self._current(path.name, state)[1]
                 if not isinstance(version, _Any):
                     check_version(str(path), version, current)
             versions = self._append_many(
@@ -686,7 +671,7 @@ class JournaledDirectories:
         directory = path.parent
         with self._locked(directory, create=False) as state:
             if version is not None:
-                check_version(str(path), version, self._current_version(path, state))
+                check_version(str(path), version, self._current(path.name, state)[1])
             elif not self._exists(path, state):
                 return
             self._append(directory, state, _DELETE, path.name, b"")

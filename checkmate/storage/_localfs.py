@@ -12,13 +12,12 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
+from .._memo import BoundedMemo
 from . import _files
 from ._journal import ANY, JournaledDirectories
 from .base import content_version
 
 __all__ = ["LocalFiles"]
-
-_PATH_CACHE_SIZE = 4096
 
 
 class LocalFiles:
@@ -30,28 +29,17 @@ class LocalFiles:
         self._journal = JournaledDirectories(root) if self.journaled else None
         # A task's names come back with every write: the same Path objects each time
         # (their hashes and strings are computed once).
-        self._paths: dict[str, Path] = {}
-        self._dirs: dict[str, Path] = {}
+        self._paths: BoundedMemo[str, Path] = BoundedMemo(
+            lambda name: root.joinpath(*name.split("/"))
+        )
 
     def path(self, name: str) -> Path:
         """The file of an object name."""
-        path = self._paths.get(name)
-        if path is None:
-            path = self.root.joinpath(*name.split("/"))
-            if len(self._paths) >= _PATH_CACHE_SIZE:
-                self._paths.clear()
-            self._paths[name] = path
-        return path
+        return self._paths[name]
 
     def _directory(self, head: str) -> Path:
         """The directory of the names that start with ``head/`` (``""``: the root)."""
-        directory = self._dirs.get(head)
-        if directory is None:
-            directory = self.path(head) if head else self.root
-            if len(self._dirs) >= _PATH_CACHE_SIZE:
-                self._dirs.clear()
-            self._dirs[head] = directory
-        return directory
+        return self._paths[head] if head else self.root
 
     def read(self, name: str) -> bytes:
         """The object's bytes (FileNotFoundError if absent)."""

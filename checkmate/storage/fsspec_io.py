@@ -21,7 +21,6 @@ __all__ = ["FsspecTaskIO"]
 logger = logging.getLogger(__name__)
 
 # Object names whose paths an FsspecTaskIO remembers (bounded: cleared when full).
-_PATH_CACHE_SIZE = 4096
 
 
 def _backend_for(fs: Any, root: str, protocols: tuple[str, ...]) -> Backend:
@@ -80,7 +79,6 @@ class FsspecTaskIO(TaskIO):
         fs, root = fsspec.core.url_to_fs(url, **storage_options)
         self._fs: Any = fs
         self._root = str(root).rstrip("/")
-        self._paths: dict[str, str] = {}  # checked object names and their paths
         protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
         self._protocol = str(protocols[0])
         self._backend = _backend_for(fs, self._root, tuple(str(p) for p in protocols))
@@ -104,13 +102,7 @@ class FsspecTaskIO(TaskIO):
         return self._fs
 
     def _path(self, obj_name: str) -> str:
-        path = self._paths.get(obj_name) if isinstance(obj_name, str) else None
-        if path is None:
-            path = f"{self._root}/{check_obj_name(obj_name)}"
-            if len(self._paths) >= _PATH_CACHE_SIZE:
-                self._paths.clear()
-            self._paths[obj_name] = path
-        return path
+        return f"{self._root}/{check_obj_name(obj_name)}"
 
     def _name(self, path: str) -> str | None:
         root = self._fs._strip_protocol(self._root).rstrip("/") + "/"
