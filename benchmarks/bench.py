@@ -223,6 +223,15 @@ def targets(results: dict[str, Any]) -> list[dict[str, str]]:
             "<= 0.5x",
             _ok(cm / lg, 0.5),
         )
+        pd = med(imports["pydantic"])
+        row(
+            "T2",
+            "lower bound: `import pydantic` alone (a required runtime dependency) / "
+            "`import langgraph`",
+            f"{fmt_x(pd / lg)} ({fmt_ms(pd)} / {fmt_ms(lg)} ms)",
+            "(<= 0.5x)",
+            "info: " + _ok(pd / lg, 0.5),
+        )
         row(
             "T2",
             "`import checkmate` / `import langgraph.graph` (what LangGraph users import)",

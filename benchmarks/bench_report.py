@@ -36,7 +36,7 @@ as well), and creating, renaming over or deleting a file is dearer still
 (freeing the blocks of a file already on disk is worst). So a write to a task
 directory, under an exclusive lock of that directory (flock across processes, a
 mutex across threads), is one thing only: it writes a *batch* of records (object
-name, full new bytes, SHA-256 of the bytes, the record's position in its batch
+name, full new bytes, their content hash, the record's position in its batch
 and the batch's size, CRC-32 of the header) into the directory's journal
 `.checkmate-journal`, just after its last record, over zeros written earlier,
 and fdatasyncs it. The write is durable when it returns. When a batch does not
@@ -79,6 +79,21 @@ COMPLETE before that write: if the process dies first, it is as if it had died
 just before the stage returned, and the stage runs again, as after any crash
 inside a stage. The state-update hook runs for each change only once it is
 durable.
+
+A large object whose new version ends like its last one (a status change of a
+stage with a large state changes only the object's first bytes: the stage's
+status, attempts and history come before the state's own fields) is written as
+a **patch record**: the new head, and where in the journal the unchanged tail
+lies, in the last whole record of that object. Versions are content hashes
+computed in chunks of 1 MiB counted from the end (the SHA-256 of the chunks'
+SHA-256s; an object of at most 1 MiB is hashed whole), so the tail's chunk
+digests are known and only the head is hashed and written. Only whole chunks
+count as unchanged (compared byte for byte with the last whole record, which
+the process keeps in memory: at most 4 per directory), and a patch points at a
+record of the same journal file, never at another patch; after a checkpoint the
+next version is written whole. A patch is checked like any record (its header's
+CRC, a digest of its head, and its tail inside an earlier record), and a read
+or a checkpoint joins its head and tail.
 
 A stage's history only grows, and its entries are immutable
 (`StageStateHistoryEntry` is frozen), so the engine keeps the JSON of each
@@ -239,6 +254,16 @@ def _imports(results: dict[str, Any]) -> list[str]:
         "makes T2's import target a comparison with an empty import. `langgraph.graph` is "
         "what a LangGraph program imports.",
     ]
+    if "pydantic" in imports and "langgraph" in imports:
+        pd, lg = med(imports["pydantic"]), med(imports["langgraph"])
+        out += [
+            "",
+            f"`import pydantic` alone, a runtime dependency the issue requires, takes "
+            f"{fmt_ms(pd)} ms: {fmt_x(pd / lg)} of `import langgraph` ({fmt_ms(lg)} ms). No "
+            "library that imports pydantic at import time can reach 0.5x of that; checkmate "
+            "imports pydantic's models at import time because its public classes are pydantic "
+            "models.",
+        ]
     return out
 
 

@@ -8,8 +8,8 @@ under an exclusive lock of the directory (flock across processes, a mutex
 across threads):
 
 - write one *batch* of records (each: the object's name, its full new bytes,
-  the bytes' SHA-256, its position in the batch and the batch's size, a CRC of
-  the header) into the directory's journal file ``.checkmate-journal``, just
+  their version digest, its position in the batch and the batch's size, a CRC
+  of the header) into the directory's journal file ``.checkmate-journal``, just
   after its last record, and fdatasync it. From here on the write survives a
   crash or a power cut.
 
@@ -47,16 +47,23 @@ when the engine unbinds a task (`TaskIO.sync`, on a background thread), when
 the journal grows past a size, and when the last object of a directory is
 deleted.
 
-Versions are content hashes, as on every other local store: the record
-carries the hash of its bytes, so a compare-and-swap needs no read and no
-hashing of the current object.
+Versions are content hashes, as on every other local store (`_versions`):
+the record carries the hash of its bytes, so a compare-and-swap needs no read
+and no hashing of the current object.
+
+A large object (2 MiB or more) whose new version ends with the same whole
+chunks as its last whole record in this journal is written as a **patch**: the
+new head, and the place of that unchanged tail in the earlier record. Versions
+hash chunks counted from the end, so only the head is hashed (the tail's chunk
+digests are kept with the whole record, which this process holds in memory: a
+few per directory). A patch never points at another patch, nor outside its
+journal file; a checkpoint publishes head and tail joined.
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
-import hashlib
 import logging
 import os
 import secrets
@@ -71,7 +78,8 @@ from typing import NamedTuple
 
 from ..errors import CorruptStateError, VersionConflict
 from . import _files
-from .base import check_version, content_version
+from ._versions import CHUNK, chunk_digests, combine, content_version, digest_of
+from .base import check_version
 
 try:
     import fcntl
@@ -97,7 +105,12 @@ _HEAD = struct.Struct(">4sIHBHH16s")
 _CRC = struct.Struct(">I")
 _HEADER_SIZE = _HEAD.size + _CRC.size
 _PROBE = _HEADER_SIZE + 255  # a record's header and the longest file name
-_WRITE, _DELETE = 0, 1
+_WRITE, _DELETE, _PATCH = 0, 1, 2
+# A patch record's data starts with: where the unchanged tail it reuses lies in
+# the journal file, its length, and the digest of the new head that follows.
+_PATCH_HEAD = struct.Struct(">QQ16s")
+_PATCH_MIN = 2 * CHUNK  # smaller objects are always written whole
+_BASES_PER_DIR = 4  # whole large records kept in memory per directory, to patch against
 _CHECKPOINT_BYTES = 64 * 2**20
 _FSYNC_EACH_MAX = 16  # a checkpoint of at most this many files fsyncs each, not the file system
 _MIN_ALLOCATION = 64 * 2**10  # zero-filled ahead of the records when a journal grows
@@ -110,10 +123,6 @@ _MAX_BATCH = 0xFFFF
 _MAX_OPEN_DIRS = 64
 _IOV_MAX = 512
 _LIST_FIRST = 8  # write_many lists the directory first when given more objects
-
-
-def _digest(data: bytes) -> bytes:
-    return hashlib.sha256(data).digest()[:16]
 
 
 def _file_head(journal_id: bytes) -> bytes:
@@ -131,15 +140,15 @@ def _journal_id(head: bytes) -> bytes | None:
     return bytes(journal_id)
 
 
-def _record_head(op: int, name: str, data: bytes, digest: bytes, at: int, count: int) -> bytes:
-    """A record's bytes before its data: header, header CRC, name."""
+def _record_head(op: int, name: str, size: int, digest: bytes, at: int, count: int) -> bytes:
+    """A record's bytes before its ``size`` bytes of data: header, header CRC, name."""
     raw_name = name.encode()
-    head = _HEAD.pack(_MAGIC, len(data), len(raw_name), op, at, count, digest)
+    head = _HEAD.pack(_MAGIC, size, len(raw_name), op, at, count, digest)
     crc = zlib.crc32(raw_name, zlib.crc32(head))
     return b"".join((head, _CRC.pack(crc), raw_name))
 
 
-def _write_all_at(fd: int, parts: list[bytes], offset: int) -> None:
+def _write_all_at(fd: int, parts: list[bytes | memoryview], offset: int) -> None:
     """Write every part, in order, from ``offset``, with few system calls (no copies)."""
     views = [memoryview(p) for p in parts if p]
     while views:
@@ -153,12 +162,48 @@ def _write_all_at(fd: int, parts: list[bytes], offset: int) -> None:
 
 
 class _Entry(NamedTuple):
-    """The newest journal record of one object."""
+    """The newest journal record of one object (a patch's op is _WRITE too)."""
 
     op: int
-    offset: int  # of the data, in the journal file
+    offset: int  # of the data (a patch's: of its new head), in the journal file
     size: int
     version: str
+    tail_offset: int = 0  # a patch's: its unchanged tail, in an earlier record's data
+    tail_size: int = 0
+
+
+class _Base(NamedTuple):
+    """A whole record of a large object, kept to write the next version as a patch."""
+
+    data: bytes
+    offset: int  # of the data, in the journal file
+    digests: list[bytes]  # of its chunks (`_versions`)
+
+
+def _entry_data(fd: int, entry: _Entry) -> bytes:
+    """The object's bytes that ``entry`` records (a patch: its head, then its tail)."""
+    data = os.pread(fd, entry.size, entry.offset)
+    if entry.tail_size:
+        data += os.pread(fd, entry.tail_size, entry.tail_offset)
+    return data
+
+
+def _patch_entry(data: bytes, offset: int, record_at: int, digest: bytes) -> _Entry | None:
+    """The entry of a patch record whose data (at ``offset``) is ``data``; None if invalid."""
+    if len(data) < _PATCH_HEAD.size:
+        return None
+    tail_offset, tail_size, check = _PATCH_HEAD.unpack_from(data)
+    head = memoryview(data)[_PATCH_HEAD.size :]
+    if (
+        not tail_size
+        or tail_offset < _DATA_START
+        or tail_offset + tail_size > record_at  # the tail lies in an earlier record
+        or combine(chunk_digests(head)) != check
+    ):
+        return None
+    return _Entry(
+        _WRITE, offset + _PATCH_HEAD.size, len(head), digest.hex(), tail_offset, tail_size
+    )
 
 
 class _Record(NamedTuple):
@@ -177,19 +222,24 @@ def _record(blob: bytes, offset: int, base: int) -> _Record | None:
     (crc,) = _CRC.unpack_from(blob, offset + _HEAD.size)
     start = offset + _HEADER_SIZE
     end = start + name_len + size
-    if magic != _MAGIC or end > len(blob) or op not in (_WRITE, _DELETE) or at >= count:
+    if magic != _MAGIC or end > len(blob) or op not in (_WRITE, _DELETE, _PATCH) or at >= count:
         return None
     raw_name = blob[start : start + name_len]
     if zlib.crc32(raw_name, zlib.crc32(blob[offset : offset + _HEAD.size])) != crc:
         return None
     data = blob[start + name_len : end]
-    if op == _WRITE and _digest(data) != digest:
+    if op == _WRITE and digest_of(data) != digest:
         return None
     try:
         name = raw_name.decode()
     except UnicodeDecodeError:
         return None
-    entry = _Entry(op, base + start + name_len, size, digest.hex())
+    if op == _PATCH:
+        entry = _patch_entry(data, base + start + name_len, base + offset, digest)
+        if entry is None:
+            return None
+    else:
+        entry = _Entry(op, base + start + name_len, size, digest.hex())
     return _Record(name, entry, at, count, end)
 
 
@@ -225,7 +275,7 @@ def _scan(blob: bytes, base: int = _DATA_START) -> tuple[dict[str, _Entry], int]
     return index, offset
 
 
-def _valid_batch_in(blob: bytes) -> bool:
+def _valid_batch_in(blob: bytes, base: int) -> bool:
     """Tell whether a whole, valid batch starts anywhere in ``blob``.
 
     Pieces of a torn batch (records after its first) are not one: only damage
@@ -233,7 +283,7 @@ def _valid_batch_in(blob: bytes) -> bool:
     """
     at = blob.find(_MAGIC)
     while at >= 0:
-        if _batch(blob, at, 0) is not None:
+        if _batch(blob, at, base) is not None:
             return True
         at = blob.find(_MAGIC, at + 1)
     return False
@@ -245,9 +295,69 @@ def parse_journal(blob: bytes) -> dict[str, bytes | None]:
         return {}
     index, _ = _scan(blob[_DATA_START:])
     return {
-        name: None if e.op == _DELETE else blob[e.offset : e.offset + e.size]
+        name: None
+        if e.op == _DELETE
+        else blob[e.offset : e.offset + e.size] + blob[e.tail_offset : e.tail_offset + e.tail_size]
         for name, e in index.items()
     }
+
+
+class _Planned:
+    """One record to append: its op, its data's parts, and what the index needs."""
+
+    __slots__ = ("chunks", "digest", "op", "parts", "size", "tail")
+
+    def __init__(
+        self,
+        op: int,
+        data: bytes | memoryview,
+        digest: bytes,
+        chunks: list[bytes] | None = None,
+        patch: bytes = b"",
+        tail: tuple[int, int] = (0, 0),
+    ) -> None:
+        self.op = op
+        self.parts: tuple[bytes | memoryview, ...] = (patch, data) if patch else (data,)
+        self.size = len(patch) + len(data)
+        self.digest = digest  # the object's version digest
+        self.chunks = chunks  # a whole large record's chunk digests (kept as a base)
+        self.tail = tail  # a patch's reused tail: offset and size in the journal
+
+
+def _plan_large(base: _Base | None, data: bytes) -> _Planned:
+    """Write a large object as a patch of ``base`` when they end alike, else whole.
+
+    Only whole chunks (counted from the end, as versions count them) are
+    compared, so the reused tail's chunk digests are the base's: only the new
+    head is hashed and written.
+    """
+    if base is not None:
+        same = 0
+        most = min(len(base.data) // CHUNK, (len(data) - 1) // CHUNK)
+        while same < most:
+            at = len(data) - (same + 1) * CHUNK
+            base_at = len(base.data) - (same + 1) * CHUNK
+            if not data.startswith(memoryview(base.data)[base_at : base_at + CHUNK], at):
+                break
+            same += 1
+        if same:
+            tail_size = same * CHUNK
+            head = memoryview(data)[: len(data) - tail_size]
+            head_digests = chunk_digests(head)
+            tail_offset = base.offset + len(base.data) - tail_size
+            patch = _PATCH_HEAD.pack(tail_offset, tail_size, combine(head_digests))
+            digest = combine(head_digests + base.digests[len(base.digests) - same :])
+            return _Planned(_PATCH, head, digest, patch=patch, tail=(tail_offset, tail_size))
+    chunks = chunk_digests(data)
+    return _Planned(_WRITE, data, combine(chunks), chunks)
+
+
+def _keep_base(bases: dict[str, _Base], name: str, base: _Base) -> None:
+    """Keep ``base`` as the newest of a directory's few bases."""
+    bases.pop(name, None)
+    if len(bases) >= _BASES_PER_DIR:
+        del bases[next(iter(bases))]
+    bases[name] = base
 
 
 class _Any:
@@ -272,6 +382,12 @@ class _Dir:
     indexed: int = 0  # offset of the end of the records parsed into ``index``
     published: int = 0  # records below this offset are published as files already
     index: dict[str, _Entry] = field(default_factory=dict)
+    bases: dict[str, _Base] = field(default_factory=dict)  # valid in this journal file only
+
+    def clear_records(self) -> None:
+        """Forget the indexed records (another journal file, or none)."""
+        self.index.clear()
+        self.bases.clear()
 
 
 class JournaledDirectories:
@@ -388,11 +504,11 @@ class JournaledDirectories:
                     "(older state)",
                     obj_name=str(path),
                 )
-            state.index.clear()  # created, but its first write never landed
+            state.clear_records()  # created, but its first write never landed
             state.journal_id, state.indexed, state.published = b"", _DATA_START, _DATA_START
             return
         if journal_id != state.journal_id:  # another journal file than the one indexed
-            state.index.clear()
+            state.clear_records()
             state.journal_id, state.indexed, state.published = journal_id, _DATA_START, _DATA_START
             state.checked = False
         if state.allocated <= state.indexed:
@@ -404,7 +520,7 @@ class JournaledDirectories:
         # batch hides after bytes that are not one.
         tail = os.pread(state.journal_fd, state.allocated - state.indexed, state.indexed)
         found, valid = _scan(tail, state.indexed)
-        if valid < len(tail) and _valid_batch_in(tail[valid + 1 :]):
+        if valid < len(tail) and _valid_batch_in(tail[valid + 1 :], state.indexed + valid + 1):
             # Not a torn tail: whole batches follow the bad bytes. Skipping them
             # would lose writes that returned, so refuse and touch nothing.
             raise CorruptStateError(
@@ -434,13 +550,23 @@ class JournaledDirectories:
         new_file = state.journal_fd < 0 or not state.journal_id
         if new_file:
             self._create(directory, state)
-        digests = [_digest(data) if op == _WRITE else bytes(16) for _, data in items]
+        if op == _WRITE:
+            records = [
+                _Planned(_WRITE, data, digest_of(data))
+                if len(data) < _PATCH_MIN
+                else _plan_large(state.bases.get(name), data)
+                for name, data in items
+            ]
+        else:
+            records = [_Planned(op, data, bytes(16)) for _, data in items]
         heads = []
-        for i, ((name, data), digest) in enumerate(zip(items, digests, strict=True)):
+        for i, ((name, _), record) in enumerate(zip(items, records, strict=True)):
             first = i - i % _MAX_BATCH  # batches of at most _MAX_BATCH records
             count = min(_MAX_BATCH, len(items) - first)
-            heads.append(_record_head(op, name, data, digest, i - first, count))
-        parts = [p for h, (_, d) in zip(heads, items, strict=True) for p in (h, d)]
+            heads.append(
+                _record_head(record.op, name, record.size, record.digest, i - first, count)
+            )
+        parts = [p for h, r in zip(heads, records, strict=True) for p in (h, *r.parts)]
         size = sum(len(p) for p in parts)
         start = state.indexed
         if new_file:
@@ -471,10 +597,26 @@ class JournaledDirectories:
             _files.fsync_dir(directory)  # the new journal's name must survive a crash
         state.allocated = max(state.allocated, allocated)
         versions = []
-        for (name, data), digest, head in zip(items, digests, heads, strict=True):
-            version = digest.hex()
-            state.index[name] = _Entry(op, state.indexed + len(head), len(data), version)
-            state.indexed += len(head) + len(data)
+        for (name, data), record, head in zip(items, records, heads, strict=True):
+            version = record.digest.hex()
+            at = state.indexed + len(head)
+            if record.op == _PATCH:
+                tail_offset, tail_size = record.tail
+                state.index[name] = _Entry(
+                    _WRITE,
+                    at + _PATCH_HEAD.size,
+                    record.size - _PATCH_HEAD.size,
+                    version,
+                    tail_offset,
+                    tail_size,
+                )
+            else:
+                state.index[name] = _Entry(op, at, record.size, version)
+                if record.chunks:
+                    _keep_base(state.bases, name, _Base(data, at, record.chunks))
+                else:
+                    state.bases.pop(name, None)
+            state.indexed += len(head) + record.size
             versions.append(version)
         return versions
 
@@ -489,7 +631,7 @@ class JournaledDirectories:
         state.journal_id = secrets.token_bytes(16)
         state.indexed = state.published = _DATA_START
         state.checked = True
-        state.index.clear()
+        state.clear_records()
 
     def _checkpoint(self, directory: Path, state: _Dir) -> None:
         """Publish the journal into plain, durable files, then delete it."""
@@ -519,7 +661,7 @@ class JournaledDirectories:
                 with contextlib.suppress(FileNotFoundError, IsADirectoryError):
                     target.unlink()
             else:
-                _files.publish(target, os.pread(state.journal_fd, entry.size, entry.offset))
+                _files.publish(target, _entry_data(state.journal_fd, entry))
         state.published = state.indexed
 
     @staticmethod
@@ -557,7 +699,7 @@ class JournaledDirectories:
             return data, content_version(data)
         if entry.op == _DELETE:
             return None, None
-        return os.pread(state.journal_fd, entry.size, entry.offset), entry.version
+        return _entry_data(state.journal_fd, entry), entry.version
 
     # ------------------------------------------------------------------ operations
 
@@ -794,7 +936,7 @@ def _close_journal(state: _Dir) -> None:
             os.close(state.journal_fd)
     state.journal_fd, state.journal_ino, state.indexed, state.published = -1, -1, 0, 0
     state.journal_id, state.allocated, state.checked = b"", 0, False
-    state.index.clear()
+    state.clear_records()
 
 
 def _close_all(dirs: dict[Path, _Dir]) -> None:

@@ -8,18 +8,13 @@ any store; the engine relies only on the guarantees written here.
 from __future__ import annotations
 
 import builtins
-import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
 
 from ..errors import VersionConflict
+from ._versions import content_version
 
 __all__ = ["TaskIO", "content_version"]
-
-
-def content_version(data: bytes) -> str:
-    """Return the version token of ``data`` on stores that version by content."""
-    return hashlib.sha256(data).hexdigest()[:32]
 
 
 class TaskIO(ABC):
