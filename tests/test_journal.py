@@ -187,3 +187,23 @@ def test_a_journal_damaged_in_the_middle_is_refused_and_left_as_it_was(tmp_path:
         with pytest.raises(CorruptStateError, match="damaged"):
             access(LocalTaskIO(tmp_path))
     assert journal(tmp_path).read_bytes() == bytes(blob)
+
+
+def test_a_journal_checkpointed_and_made_anew_by_another_process_is_noticed(
+    tmp_path: Path,
+) -> None:
+    """A process that keeps the old journal open must never append to the deleted file:
+    its write would return and be lost."""
+    first, second = LocalTaskIO(tmp_path), LocalTaskIO(tmp_path)
+    first.defer_publication("t/")
+    first.write("t/a.json", b"one")  # the first store now holds the journal open
+    second.write("t/b.json", b"two")
+    second.sync("t/")
+    second.flush()
+    assert not journal(tmp_path).exists(), "checkpointed by the other process"
+    second.write("t/b.json", b"three")  # a new journal file at the same path
+    assert first.read("t/b.json") == b"three"
+    first.write("t/a.json", b"four")
+    fresh = LocalTaskIO(tmp_path)
+    assert fresh.read("t/a.json") == b"four"
+    assert parse_journal(journal(tmp_path).read_bytes()) == {"b.json": b"three", "a.json": b"four"}

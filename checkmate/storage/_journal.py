@@ -28,7 +28,11 @@ directory lock shared and look in the journal first, then in the plain file.
 Each process keeps an index of name -> last record; it reads a journal whole
 once (checking that no whole batch hides after bytes that are not one: damage
 in the middle is refused, never cut off), and after that only looks at the
-bytes just after its last known record: zeros mean nothing new.
+bytes just after its last known record: zeros mean nothing new. It tells that
+the journal it holds open is still the one at that path (another process may
+have checkpointed it) from ``/proc/self/fd`` where it can, not from a stat: a
+stat makes the next write update the file's times on kernels with fine-grained
+timestamps, and each fdatasync then writes the inode as well.
 
 Each write is also published at once as a plain file (temp file + rename, not
 fsynced), except in directories whose publication is *deferred*: the engine
@@ -123,6 +127,7 @@ _MAX_BATCH = 0xFFFF
 _MAX_OPEN_DIRS = 64
 _IOV_MAX = 512
 _LIST_FIRST = 8  # write_many lists the directory first when given more objects
+_PROC_FD = os.path.isdir("/proc/self/fd")  # Linux: a descriptor's path, without a stat
 
 
 def _file_head(journal_id: bytes) -> bytes:
@@ -376,6 +381,7 @@ class _Dir:
     dir_ino: int = -1
     journal_fd: int = -1
     journal_ino: int = -1
+    journal_link: str = ""  # what /proc says the open journal is ('' where it cannot)
     journal_id: bytes = b""
     allocated: int = 0  # the journal file's size: zeros after its last record
     checked: bool = False  # the whole journal was read once (damage checked)
@@ -481,19 +487,27 @@ class JournaledDirectories:
         the next write overwrites it.
         """
         path = os.path.join(directory, JOURNAL_NAME)
-        try:
-            info = os.stat(path)
-        except FileNotFoundError:
-            _close_journal(state)  # checkpointed (or never written)
-            return
-        if state.journal_fd < 0 or info.st_ino != state.journal_ino:
-            _close_journal(state)
+        if state.journal_link and _link_of(state.journal_fd) == state.journal_link:
+            # Still the file at that path (a deleted one reads "... (deleted)"). Not
+            # a stat: on file systems with fine-grained timestamps, a stat makes the
+            # next write update the file's times, and then each fdatasync writes the
+            # inode too (measured: 85 -> 130 µs per write on this disk).
+            state.allocated = os.lseek(state.journal_fd, 0, os.SEEK_END)
+        else:
             try:
-                state.journal_fd = os.open(path, os.O_RDWR)
-            except PermissionError:  # a reader without write access (another user's CLI)
-                state.journal_fd = os.open(path, os.O_RDONLY)
-            state.journal_ino = info.st_ino
-        state.allocated = info.st_size
+                info = os.stat(path)
+            except FileNotFoundError:
+                _close_journal(state)  # checkpointed (or never written)
+                return
+            if state.journal_fd < 0 or info.st_ino != state.journal_ino:
+                _close_journal(state)
+                try:
+                    state.journal_fd = os.open(path, os.O_RDWR)
+                except PermissionError:  # a reader without write access (another user's CLI)
+                    state.journal_fd = os.open(path, os.O_RDONLY)
+                state.journal_ino = info.st_ino
+            state.journal_link = _link_of(state.journal_fd)
+            state.allocated = info.st_size
         journal_id = _journal_id(os.pread(state.journal_fd, _FILE_HEAD.size, 0))
         if journal_id is None:
             head = os.pread(state.journal_fd, 1 << 20, 0)
@@ -628,6 +642,7 @@ class JournaledDirectories:
             state.journal_fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
             info = os.fstat(state.journal_fd)
             state.journal_ino, state.allocated = info.st_ino, info.st_size
+            state.journal_link = _link_of(state.journal_fd)
         state.journal_id = secrets.token_bytes(16)
         state.indexed = state.published = _DATA_START
         state.checked = True
@@ -930,11 +945,22 @@ def flush_all() -> None:
             logger.warning("could not checkpoint the journal of %s: %r", directory, exc)
 
 
+def _link_of(fd: int) -> str:
+    """The path /proc gives for an open descriptor; '' where there is no /proc."""
+    if not _PROC_FD:
+        return ""
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return ""
+
+
 def _close_journal(state: _Dir) -> None:
     if state.journal_fd >= 0:
         with contextlib.suppress(OSError):
             os.close(state.journal_fd)
     state.journal_fd, state.journal_ino, state.indexed, state.published = -1, -1, 0, 0
+    state.journal_link = ""
     state.journal_id, state.allocated, state.checked = b"", 0, False
     state.clear_records()
 
