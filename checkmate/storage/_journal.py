@@ -155,6 +155,9 @@ def _record_head(op: int, name: str, size: int, digest: bytes, at: int, count: i
 
 def _write_all_at(fd: int, parts: list[bytes | memoryview], offset: int) -> None:
     """Write every part, in order, from ``offset``, with few system calls (no copies)."""
+    if len(parts) <= _IOV_MAX and os.pwritev(fd, parts, offset) == sum(map(len, parts)):
+        return  # the usual case: one call wrote it all
+    # A short write, or more parts than one call takes: (re)write them piece by piece.
     views = [memoryview(p) for p in parts if p]
     while views:
         written = os.pwritev(fd, views[:_IOV_MAX], offset)
@@ -581,7 +584,7 @@ class JournaledDirectories:
                 _record_head(record.op, name, record.size, record.digest, i - first, count)
             )
         parts = [p for h, r in zip(heads, records, strict=True) for p in (h, *r.parts)]
-        size = sum(len(p) for p in parts)
+        size = sum(map(len, parts))
         start = state.indexed
         if new_file:
             parts.insert(0, _file_head(state.journal_id))
