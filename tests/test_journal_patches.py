@@ -12,6 +12,8 @@ import os
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from checkmate import (
     BaseStage,
@@ -204,3 +206,80 @@ def test_status_changes_of_a_stage_with_a_large_state_write_little(tmp_path: Pat
         assert resumed.stages[0].state.blob == blob
     finally:
         resumed.unbind()
+
+
+TAILS = [body(2 * CHUNK + 99, b"a"), body(3 * CHUNK, b"b"), body(2 * CHUNK + 5, b"a")]
+
+
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    steps=st.lists(
+        st.one_of(
+            st.tuples(
+                st.just("write"),
+                st.sampled_from(["x.json", "y.json"]),
+                st.binary(max_size=300),
+                st.integers(0, len(TAILS) - 1),
+            ),
+            st.tuples(st.just("delete"), st.sampled_from(["x.json", "y.json"])),
+            st.tuples(st.just("checkpoint")),
+        ),
+        max_size=12,
+    )
+)
+def test_any_sequence_of_large_writes_reads_back_as_written(
+    tmp_path_factory: pytest.TempPathFactory, steps: list[tuple[object, ...]]
+) -> None:
+    """Whole records, patches, deletes and checkpoints in any order: every process reads
+    the newest bytes with their content version, and the published files match."""
+    root = tmp_path_factory.mktemp("patches")
+    io = LocalTaskIO(root)
+    io.defer_publication("t/")
+    model: dict[str, bytes] = {}
+    for step in steps:
+        if step[0] == "write":
+            _, name, head, tail = step
+            data = bytes(head) + TAILS[tail]  # type: ignore[arg-type, call-overload]
+            io.write(f"t/{name}", data)
+            model[str(name)] = data
+        elif step[0] == "delete":
+            io.delete(f"t/{step[1]}")
+            model.pop(str(step[1]), None)
+        else:
+            io.sync("t/")
+            io.flush()
+            io.defer_publication("t/")
+        other = LocalTaskIO(root)  # another process, reading the journal afresh
+        for name in ("x.json", "y.json"):
+            expected = model.get(name)
+            for store in (io, other):
+                if expected is None:
+                    assert not store.exists(f"t/{name}")
+                else:
+                    assert store.read_versioned(f"t/{name}") == (
+                        expected,
+                        content_version(expected),
+                    )
+    io.sync("t/")
+    io.flush()
+    for name, data in model.items():
+        assert (root / "t" / name).read_bytes() == data
+
+
+def test_only_the_newest_few_large_objects_are_kept_to_patch_against(tmp_path: Path) -> None:
+    """The whole records kept in memory are bounded: an object written long ago is
+    written whole again rather than patched."""
+    io = LocalTaskIO(tmp_path)
+    io.defer_publication("t/")
+    tail = body(BIG)
+    for i in range(6):
+        io.write(f"t/o{i}.json", b"%d" % i + tail)
+    before = journal_size(tmp_path)
+    io.write("t/o5.json", b"newest" + tail)  # still kept: a patch
+    assert journal_size(tmp_path) - before < 2 * CHUNK
+    before = journal_size(tmp_path)
+    io.write("t/o0.json", b"oldest" + tail)  # no longer kept: whole
+    assert journal_size(tmp_path) - before > len(tail)
+    assert io.read("t/o0.json") == b"oldest" + tail
