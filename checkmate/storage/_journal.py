@@ -82,7 +82,8 @@ from typing import NamedTuple
 
 from ..errors import CorruptStateError, VersionConflict
 from . import _files
-from ._versions import CHUNK, chunk_digests, combine, content_version, digest_of
+from ._patches import PATCH_HEAD, PATCH_MIN, Base, Planned, keep_base, plan_large
+from ._versions import chunk_digests, combine, content_version, digest_of
 from .base import check_version
 
 try:
@@ -109,12 +110,7 @@ _HEAD = struct.Struct(">4sIHBHH16s")
 _CRC = struct.Struct(">I")
 _HEADER_SIZE = _HEAD.size + _CRC.size
 _PROBE = _HEADER_SIZE + 255  # a record's header and the longest file name
-_WRITE, _DELETE, _PATCH = 0, 1, 2
-# A patch record's data starts with: where the unchanged tail it reuses lies in
-# the journal file, its length, and the digest of the new head that follows.
-_PATCH_HEAD = struct.Struct(">QQ16s")
-_PATCH_MIN = 2 * CHUNK  # smaller objects are always written whole
-_BASES_PER_DIR = 4  # whole large records kept in memory per directory, to patch against
+_WRITE, _DELETE, _PATCH = 0, 1, 2  # record ops (a patch: `_patches`)
 _CHECKPOINT_BYTES = 64 * 2**20
 _FSYNC_EACH_MAX = 16  # a checkpoint of at most this many files fsyncs each, not the file system
 _MIN_ALLOCATION = 64 * 2**10  # zero-filled ahead of the records when a journal grows
@@ -180,14 +176,6 @@ class _Entry(NamedTuple):
     tail_size: int = 0
 
 
-class _Base(NamedTuple):
-    """A whole record of a large object, kept to write the next version as a patch."""
-
-    data: bytes
-    offset: int  # of the data, in the journal file
-    digests: list[bytes]  # of its chunks (`_versions`)
-
-
 def _entry_data(fd: int, entry: _Entry) -> bytes:
     """The object's bytes that ``entry`` records (a patch: its head, then its tail)."""
     data = os.pread(fd, entry.size, entry.offset)
@@ -198,10 +186,10 @@ def _entry_data(fd: int, entry: _Entry) -> bytes:
 
 def _patch_entry(data: bytes, offset: int, record_at: int, digest: bytes) -> _Entry | None:
     """The entry of a patch record whose data (at ``offset``) is ``data``; None if invalid."""
-    if len(data) < _PATCH_HEAD.size:
+    if len(data) < PATCH_HEAD.size:
         return None
-    tail_offset, tail_size, check = _PATCH_HEAD.unpack_from(data)
-    head = memoryview(data)[_PATCH_HEAD.size :]
+    tail_offset, tail_size, check = PATCH_HEAD.unpack_from(data)
+    head = memoryview(data)[PATCH_HEAD.size :]
     if (
         not tail_size
         or tail_offset < _DATA_START
@@ -209,9 +197,7 @@ def _patch_entry(data: bytes, offset: int, record_at: int, digest: bytes) -> _En
         or combine(chunk_digests(head)) != check
     ):
         return None
-    return _Entry(
-        _WRITE, offset + _PATCH_HEAD.size, len(head), digest.hex(), tail_offset, tail_size
-    )
+    return _Entry(_WRITE, offset + PATCH_HEAD.size, len(head), digest.hex(), tail_offset, tail_size)
 
 
 class _Record(NamedTuple):
@@ -310,64 +296,6 @@ def parse_journal(blob: bytes) -> dict[str, bytes | None]:
     }
 
 
-class _Planned:
-    """One record to append: its op, its data's parts, and what the index needs."""
-
-    __slots__ = ("chunks", "digest", "op", "parts", "size", "tail")
-
-    def __init__(
-        self,
-        op: int,
-        data: bytes | memoryview,
-        digest: bytes,
-        chunks: list[bytes] | None = None,
-        patch: bytes = b"",
-        tail: tuple[int, int] = (0, 0),
-    ) -> None:
-        self.op = op
-        self.parts: tuple[bytes | memoryview, ...] = (patch, data) if patch else (data,)
-        self.size = len(patch) + len(data)
-        self.digest = digest  # the object's version digest
-        self.chunks = chunks  # a whole large record's chunk digests (kept as a base)
-        self.tail = tail  # a patch's reused tail: offset and size in the journal
-
-
-def _plan_large(base: _Base | None, data: bytes) -> _Planned:
-    """Write a large object as a patch of ``base`` when they end alike, else whole.
-
-    Only whole chunks (counted from the end, as versions count them) are
-    compared, so the reused tail's chunk digests are the base's: only the new
-    head is hashed and written.
-    """
-    if base is not None:
-        same = 0
-        most = min(len(base.data) // CHUNK, (len(data) - 1) // CHUNK)
-        while same < most:
-            at = len(data) - (same + 1) * CHUNK
-            base_at = len(base.data) - (same + 1) * CHUNK
-            if not data.startswith(memoryview(base.data)[base_at : base_at + CHUNK], at):
-                break
-            same += 1
-        if same:
-            tail_size = same * CHUNK
-            head = memoryview(data)[: len(data) - tail_size]
-            head_digests = chunk_digests(head)
-            tail_offset = base.offset + len(base.data) - tail_size
-            patch = _PATCH_HEAD.pack(tail_offset, tail_size, combine(head_digests))
-            digest = combine(head_digests + base.digests[len(base.digests) - same :])
-            return _Planned(_PATCH, head, digest, patch=patch, tail=(tail_offset, tail_size))
-    chunks = chunk_digests(data)
-    return _Planned(_WRITE, data, combine(chunks), chunks)
-
-
-def _keep_base(bases: dict[str, _Base], name: str, base: _Base) -> None:
-    """Keep ``base`` as the newest of a directory's few bases."""
-    bases.pop(name, None)
-    if len(bases) >= _BASES_PER_DIR:
-        del bases[next(iter(bases))]
-    bases[name] = base
-
-
 class _Any:
     """Marker type: write whatever the current version is."""
 
@@ -391,7 +319,7 @@ class _Dir:
     indexed: int = 0  # offset of the end of the records parsed into ``index``
     published: int = 0  # records below this offset are published as files already
     index: dict[str, _Entry] = field(default_factory=dict)
-    bases: dict[str, _Base] = field(default_factory=dict)  # valid in this journal file only
+    bases: dict[str, Base] = field(default_factory=dict)  # valid in this journal file only
 
     def clear_records(self) -> None:
         """Forget the indexed records (another journal file, or none)."""
@@ -569,19 +497,26 @@ class JournaledDirectories:
             self._create(directory, state)
         if op == _WRITE:
             records = [
-                _Planned(_WRITE, data, digest_of(data))
-                if len(data) < _PATCH_MIN
-                else _plan_large(state.bases.get(name), data)
+                Planned(data, digest_of(data))
+                if len(data) < PATCH_MIN
+                else plan_large(state.bases.get(name), data)
                 for name, data in items
             ]
         else:
-            records = [_Planned(op, data, bytes(16)) for _, data in items]
+            records = [Planned(data, bytes(16)) for _, data in items]
         heads = []
         for i, ((name, _), record) in enumerate(zip(items, records, strict=True)):
             first = i - i % _MAX_BATCH  # batches of at most _MAX_BATCH records
             count = min(_MAX_BATCH, len(items) - first)
             heads.append(
-                _record_head(record.op, name, record.size, record.digest, i - first, count)
+                _record_head(
+                    _PATCH if record.tail[1] else op,
+                    name,
+                    record.size,
+                    record.digest,
+                    i - first,
+                    count,
+                )
             )
         parts = [p for h, r in zip(heads, records, strict=True) for p in (h, *r.parts)]
         size = sum(map(len, parts))
@@ -617,12 +552,12 @@ class JournaledDirectories:
         for (name, data), record, head in zip(items, records, heads, strict=True):
             version = record.digest.hex()
             at = state.indexed + len(head)
-            if record.op == _PATCH:
-                tail_offset, tail_size = record.tail
+            tail_offset, tail_size = record.tail
+            if tail_size:
                 state.index[name] = _Entry(
                     _WRITE,
-                    at + _PATCH_HEAD.size,
-                    record.size - _PATCH_HEAD.size,
+                    at + PATCH_HEAD.size,
+                    record.size - PATCH_HEAD.size,
                     version,
                     tail_offset,
                     tail_size,
@@ -630,7 +565,7 @@ class JournaledDirectories:
             else:
                 state.index[name] = _Entry(op, at, record.size, version)
                 if record.chunks:
-                    _keep_base(state.bases, name, _Base(data, at, record.chunks))
+                    keep_base(state.bases, name, Base(data, at, record.chunks))
                 else:
                     state.bases.pop(name, None)
             state.indexed += len(head) + record.size
