@@ -134,13 +134,22 @@ def test_versions_agree_across_stores_and_compare_and_swap(tmp_path: Path) -> No
     assert local.read_versioned("t/big.json") == (b"other" + data[4:], v3)
 
 
-def test_a_patch_cut_short_by_a_crash_never_counts(tmp_path: Path) -> None:
-    io = LocalTaskIO(tmp_path)
+def whole_then_patch(root: Path) -> tuple[LocalTaskIO, bytes, int]:
+    """Journal ``first`` + a large tail, then ``second`` + the same tail (a patch).
+
+    Returns the store, the tail and where the patch's batch starts.
+    """
+    io = LocalTaskIO(root)
     io.defer_publication("t/")
     tail = body(BIG)
     io.write("t/big.json", b"first" + tail)
-    end = journal_size(tmp_path)
+    end = journal_size(root)
     io.write("t/big.json", b"second" + tail)
+    return io, tail, end
+
+
+def test_a_patch_cut_short_by_a_crash_never_counts(tmp_path: Path) -> None:
+    _, tail, end = whole_then_patch(tmp_path)
     path = tmp_path / "t" / JOURNAL_NAME
     blob = path.read_bytes()
     patch_end = len(blob.rstrip(b"\0"))
@@ -152,12 +161,7 @@ def test_a_patch_cut_short_by_a_crash_never_counts(tmp_path: Path) -> None:
 
 
 def test_a_damaged_patch_followed_by_whole_records_is_refused(tmp_path: Path) -> None:
-    io = LocalTaskIO(tmp_path)
-    io.defer_publication("t/")
-    tail = body(BIG)
-    io.write("t/big.json", b"first" + tail)
-    end = journal_size(tmp_path)
-    io.write("t/big.json", b"second" + tail)
+    io, _, end = whole_then_patch(tmp_path)
     io.write("t/small.json", b"later")
     path = tmp_path / "t" / JOURNAL_NAME
     blob = bytearray(path.read_bytes())

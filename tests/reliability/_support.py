@@ -96,17 +96,20 @@ _CTX = multiprocessing.get_context("fork")
 
 
 def _fork_safe() -> None:
-    """Fork only a single-threaded process: a thread holding a lock at fork time (a lease
-    heartbeat, a journal checkpoint) would leave that lock held forever in the child.
+    """Fork with none of checkmate's threads alive: one holding a lock at fork time (a
+    lease heartbeat, a journal checkpoint) would leave that lock held forever in the child.
 
     Every fork here happens while no engine is bound; background work the engine
-    started at unbind (the journal's checkpoint thread) is waited for.
+    started at unbind (the journal's checkpoint thread) is waited for. Threads of
+    other libraries that outlive a test are left alone: fsspec's event-loop thread
+    (started by any earlier test on an async store) runs forever, and fsspec
+    resets its loop and lock in a forked child itself.
     """
-    for thread in threading.enumerate():
-        if thread is not threading.current_thread():
-            thread.join(timeout=60)
-    others = [t.name for t in threading.enumerate() if t is not threading.current_thread()]
-    assert not others, f"threads alive at fork time: {others}"
+    ours = [t for t in threading.enumerate() if t.name.startswith("checkmate")]
+    for thread in ours:
+        thread.join(timeout=60)
+    alive = [t.name for t in ours if t.is_alive()]
+    assert not alive, f"checkmate threads alive at fork time: {alive}"
 
 
 def _child_main(conn: Any, func: Callable[..., Any], args: tuple[Any, ...]) -> None:
