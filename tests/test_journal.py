@@ -9,6 +9,7 @@ import pytest
 from pipelines import make_stages
 
 from checkmate import CheckMateEngine, CorruptStateError, LocalTaskIO, StageStatus, VersionConflict
+from checkmate.storage import _files
 from checkmate.storage._journal import _DATA_START, JOURNAL_NAME, flush_all, parse_journal
 
 pytestmark = pytest.mark.skipif(
@@ -207,3 +208,34 @@ def test_a_journal_checkpointed_and_made_anew_by_another_process_is_noticed(
     fresh = LocalTaskIO(tmp_path)
     assert fresh.read("t/a.json") == b"four"
     assert parse_journal(journal(tmp_path).read_bytes()) == {"b.json": b"three", "a.json": b"four"}
+
+
+@pytest.mark.parametrize("unnamed", [True, False])
+def test_published_files_are_whole_and_leave_no_temp_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, unnamed: bool
+) -> None:
+    """New files are written unnamed and linked into place where the system can (Linux),
+    else through a temp file; existing ones are replaced. Either way, no stray files."""
+    if not unnamed:
+        monkeypatch.setattr(_files, "_TMPFILE", 0)
+    io = LocalTaskIO(tmp_path)
+    io.write("t/old.json", b"before")
+    io.sync("t/")
+    io.flush()
+    io.defer_publication("t/")
+    io.write("t/old.json", b"after")
+    for i in range(3):
+        io.write(f"t/new{i}.json", b"new %d" % i)
+    io.sync("t/")
+    io.flush()
+    assert sorted(p.name for p in (tmp_path / "t").iterdir()) == [
+        "new0.json",
+        "new1.json",
+        "new2.json",
+        "old.json",
+    ]
+    assert (tmp_path / "t" / "old.json").read_bytes() == b"after"
+    assert (tmp_path / "t" / "new2.json").read_bytes() == b"new 2"
+    assert oct((tmp_path / "t" / "new0.json").stat().st_mode & 0o777) == oct(
+        (tmp_path / "t" / "old.json").stat().st_mode & 0o777
+    )

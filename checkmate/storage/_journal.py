@@ -605,16 +605,24 @@ class JournaledDirectories:
 
     @staticmethod
     def _publish(directory: Path, state: _Dir) -> None:
-        """Make the records not yet published plain files (temp file + rename, no fsync)."""
+        """Make the records not yet published plain files, each whole once visible (no fsync).
+
+        A new file is written unnamed and linked into place where the system
+        can; an existing one is replaced with a temp file and a rename.
+        """
+        existing: set[str] | None = None
         for name, entry in state.index.items():
             if entry.offset < state.published:
                 continue
-            target = directory / name
             if entry.op == _DELETE:
                 with contextlib.suppress(FileNotFoundError, IsADirectoryError):
-                    target.unlink()
-            else:
-                _files.publish(target, _entry_data(state.journal_fd, entry))
+                    (directory / name).unlink()
+                continue
+            data = _entry_data(state.journal_fd, entry)
+            if existing is None:
+                existing = _files.file_names(directory)
+            if name in existing or not _files.publish_new(state.dir_fd, name, data):
+                _files.publish(directory / name, data)
         state.published = state.indexed
 
     @staticmethod
