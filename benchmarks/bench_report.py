@@ -63,9 +63,12 @@ path, and `lseek` gives its size; a `stat` is the fallback elsewhere.
 
 While the engine holds a task, its directory's publication is *deferred*: no
 per-write file at all. When the engine unbinds, after releasing the lock, it
-**publishes** each object's newest bytes as a plain file (temp file + rename,
-in the caller's thread, so that a caller who deletes the store right after the
-run never races a background thread creating files), and a background thread
+**publishes** each object's newest bytes as a plain file, whole once visible
+(a new file is written unnamed with `O_TMPFILE` and linked into place, which
+costs 23 µs a file here instead of 34 for a temp file and a rename; an existing
+file is replaced with a temp file and a rename), in the caller's thread (so that
+a caller who deletes the store right after the run never races a background
+thread creating files), and a background thread
 **checkpoints** the journal: one `syncfs(2)` makes every published file
 durable (an fsync per file when there are at most 16, or where syncfs is
 missing), the directory is fsynced,

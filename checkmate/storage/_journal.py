@@ -34,8 +34,9 @@ have checkpointed it) from ``/proc/self/fd`` where it can, not from a stat: a
 stat makes the next write update the file's times on kernels with fine-grained
 timestamps, and each fdatasync then writes the inode as well.
 
-Each write is also published at once as a plain file (temp file + rename, not
-fsynced), except in directories whose publication is *deferred*: the engine
+Each write is also published at once as a plain file, whole once visible (a
+new file written unnamed and linked into place where the system can, else a
+temp file renamed; not fsynced), except in directories whose publication is *deferred*: the engine
 defers its task's directory while it holds the task, and syncs it at unbind.
 
 A **checkpoint** publishes the journal into plain files and deletes it: each

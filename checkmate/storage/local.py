@@ -20,7 +20,7 @@ class LocalTaskIO(TaskIO):
     Every write is durable before it returns and atomic for readers. On POSIX
     systems a write puts the new bytes in a per-directory journal and
     fdatasyncs it; reads look in the journal first. When the engine unbinds, the
-    task's objects are published as plain files (temp file + rename) and a
+    task's objects are published as plain files (each whole once visible) and a
     background checkpoint makes them durable and deletes the journal, so a
     finished task is plain JSON files.
     This keeps a durable checkpoint at one write + fdatasync, where creating or

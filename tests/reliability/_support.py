@@ -552,13 +552,15 @@ class RunTracker:
 
 # ---------------------------------------------------------------- power cuts, replayed from strace
 
+_PROC_FD = re.compile(r"/proc/self/fd/(\d+)")
 STRACE_CALLS = (
     "openat,open,creat,write,pwrite64,writev,pwritev,pwritev2,lseek,ftruncate,fsync,fdatasync,syncfs,rename,"
     "renameat,renameat2,link,linkat,unlink,unlinkat,mkdir,mkdirat,rmdir,close,dup,dup2,dup3"
 )
 """The system calls `PowerCutModel` needs (``strace -f -qq -xx -y -s 8388608 -e trace=...``)."""
 
-_CALL = re.compile(r"^(\d+)\s+(\w+)\((.*)\)\s+=\s+(-?\d+)(?:<[^>]*>)?(?:\s.*)?$")
+# The result may name the fd's file: <path>, and "(deleted)" for an O_TMPFILE one.
+_CALL = re.compile(r"^(\d+)\s+(\w+)\((.*)\)\s+=\s+(-?\d+)(?:<[^>]*>(?:\(deleted\))?)?(?:\s.*)?$")
 _HEX = re.compile(r'"((?:\\x[0-9a-f]{2})*)"(\.\.\.)?')
 
 
@@ -661,6 +663,10 @@ class PowerCutModel:
             path_arg, flags = (args[1], args[2]) if call == "openat" else (args[0], args[1:2])
             path = self._path(dirfd, path_arg)
             flags = flags if isinstance(flags, str) else "O_CREAT|O_TRUNC"
+            if "O_TMPFILE" in flags:  # a new file with no name, in directory ``path``
+                if path in self.paths:
+                    self.fds[ret] = [self._new(is_dir=False), 0, False]
+                return None
             if path in self.paths:
                 self.fds[ret] = [self.paths[path], 0, False]
             elif self._tracked(path):
@@ -740,7 +746,11 @@ class PowerCutModel:
             two = call in ("rename", "link")
             old = self._path(None if two else args[0], args[0] if two else args[1])
             new = self._path(None if two else args[2], args[1] if two else args[3])
-            if self._tracked(old) and self._tracked(new):
+            unnamed = _PROC_FD.fullmatch(old)  # linkat of an O_TMPFILE file through /proc
+            if unnamed is not None and self._tracked(new) and int(unnamed[1]) in self.fds:
+                np_, nn = os.path.split(new)
+                self.entries[np_][nn] = self.fds[int(unnamed[1])][0]
+            elif self._tracked(old) and self._tracked(new):
                 op, on = os.path.split(old)
                 np_, nn = os.path.split(new)
                 ino = self.entries[op][on]
