@@ -9,7 +9,7 @@ import pytest
 from pipelines import make_stages
 
 from checkmate import CheckMateEngine, CorruptStateError, LocalTaskIO, StageStatus, VersionConflict
-from checkmate.storage import _files
+from checkmate.storage import _files, _journal
 from checkmate.storage._journal import _DATA_START, JOURNAL_NAME, flush_all, parse_journal
 
 pytestmark = pytest.mark.skipif(
@@ -190,11 +190,14 @@ def test_a_journal_damaged_in_the_middle_is_refused_and_left_as_it_was(tmp_path:
     assert journal(tmp_path).read_bytes() == bytes(blob)
 
 
+@pytest.mark.parametrize("proc", [True, False], ids=["proc-fd", "stat"])
 def test_a_journal_checkpointed_and_made_anew_by_another_process_is_noticed(
-    tmp_path: Path,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, proc: bool
 ) -> None:
     """A process that keeps the old journal open must never append to the deleted file:
-    its write would return and be lost."""
+    its write would return and be lost. Checked through /proc (Linux) or with a stat."""
+    if not proc:
+        monkeypatch.setattr(_journal, "_PROC_FD", False)
     first, second = LocalTaskIO(tmp_path), LocalTaskIO(tmp_path)
     first.defer_publication("t/")
     first.write("t/a.json", b"one")  # the first store now holds the journal open

@@ -69,6 +69,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import functools
 import logging
 import os
 import secrets
@@ -893,13 +894,35 @@ def flush_all() -> None:
 
 
 def _link_of(fd: int) -> str:
-    """The path /proc gives for an open descriptor; '' where there is no /proc."""
-    if not _PROC_FD:
+    """The path /proc gives for an open descriptor; '' where that cannot be relied on."""
+    if not (_PROC_FD and _proc_fd_marks_deleted()):
         return ""
     try:
         return os.readlink(f"/proc/self/fd/{fd}")
     except OSError:
         return ""
+
+
+@functools.cache
+def _proc_fd_marks_deleted() -> bool:
+    """Tell whether /proc/self/fd shows that an open file was unlinked (checked once).
+
+    Some sandboxes' /proc may not; relying on it there could append to a journal
+    that another process checkpointed and deleted.
+    """
+    import tempfile  # noqa: PLC0415 - once per process, only where /proc exists
+
+    try:
+        fd, path = tempfile.mkstemp(prefix=".checkmate-probe-")
+        try:
+            before = os.readlink(f"/proc/self/fd/{fd}")
+            os.unlink(path)
+            after = os.readlink(f"/proc/self/fd/{fd}")
+        finally:
+            os.close(fd)
+    except OSError:
+        return False
+    return after == f"{before} (deleted)"
 
 
 def _close_journal(state: _Dir) -> None:
