@@ -77,12 +77,17 @@ def test_writes_of_other_processes_are_seen_and_cas_is_shared(tmp_path: Path) ->
     assert first.list("t/") == []
 
 
-def test_a_journal_left_by_a_crash_is_the_truth_for_the_next_process(tmp_path: Path) -> None:
-    io = LocalTaskIO(tmp_path)
-    io.write("t/a.json", b"old")
+def checkpointed_then_deferred(io: LocalTaskIO) -> None:
+    """Checkpoint task ``t`` into plain files, then defer it again (as a new bind does)."""
     io.sync("t/")
     io.flush()
     io.defer_publication("t/")
+
+
+def test_a_journal_left_by_a_crash_is_the_truth_for_the_next_process(tmp_path: Path) -> None:
+    io = LocalTaskIO(tmp_path)
+    io.write("t/a.json", b"old")
+    checkpointed_then_deferred(io)
     io.write("t/a.json", b"committed")
     io.write("t/b.json", b"new")
     io.delete("t/c.json")
@@ -101,9 +106,7 @@ def test_a_delete_is_kept_until_the_checkpoint(tmp_path: Path) -> None:
     io = LocalTaskIO(tmp_path)
     io.write("t/a.json", b"x")
     io.write("t/b.json", b"y")
-    io.sync("t/")
-    io.flush()
-    io.defer_publication("t/")
+    checkpointed_then_deferred(io)
     io.delete("t/a.json")
     assert (tmp_path / "t" / "a.json").exists()  # unlinked by the checkpoint
     assert LocalTaskIO(tmp_path).list("t/") == ["t/b.json"]
@@ -159,9 +162,7 @@ def test_a_checkpoint_cut_short_leaves_the_journal_as_the_truth(tmp_path: Path) 
     io.defer_publication("t/")
     io.write("t/a.json", b"one")
     io.write("t/b.json", b"two")
-    io.sync("t/")  # publishes now; the durable part runs in the background
-    io.flush()
-    io.defer_publication("t/")
+    checkpointed_then_deferred(io)  # publishes now; the durable part runs in the background
     io.write("t/a.json", b"three")
     (tmp_path / "t" / "a.json").write_bytes(b"torn")  # as if a checkpoint died mid-file
     assert LocalTaskIO(tmp_path).read("t/a.json") == b"three"
@@ -223,9 +224,7 @@ def test_published_files_are_whole_and_leave_no_temp_files(
         monkeypatch.setattr(_files, "_TMPFILE", 0)
     io = LocalTaskIO(tmp_path)
     io.write("t/old.json", b"before")
-    io.sync("t/")
-    io.flush()
-    io.defer_publication("t/")
+    checkpointed_then_deferred(io)
     io.write("t/old.json", b"after")
     for i in range(3):
         io.write(f"t/new{i}.json", b"new %d" % i)
