@@ -84,8 +84,8 @@ from typing import NamedTuple
 
 from ..errors import CorruptStateError, VersionConflict
 from . import _files
-from ._patches import PATCH_HEAD, PATCH_MIN, Base, Planned, keep_base, plan_large
-from ._versions import chunk_digests, combine, content_version, digest_of
+from ._patches import PATCH_MIN, Base, Planned, keep_base, parse_patch, plan_large
+from ._versions import content_version, digest_of
 from .base import check_version
 
 try:
@@ -186,22 +186,6 @@ def _entry_data(fd: int, entry: _Entry) -> bytes:
     return data
 
 
-def _patch_entry(data: bytes, offset: int, record_at: int, digest: bytes) -> _Entry | None:
-    """The entry of a patch record whose data (at ``offset``) is ``data``; None if invalid."""
-    if len(data) < PATCH_HEAD.size:
-        return None
-    tail_offset, tail_size, check = PATCH_HEAD.unpack_from(data)
-    head = memoryview(data)[PATCH_HEAD.size :]
-    if (
-        not tail_size
-        or tail_offset < _DATA_START
-        or tail_offset + tail_size > record_at  # the tail lies in an earlier record
-        or combine(chunk_digests(head)) != check
-    ):
-        return None
-    return _Entry(_WRITE, offset + PATCH_HEAD.size, len(head), digest.hex(), tail_offset, tail_size)
-
-
 class _Record(NamedTuple):
     name: str
     entry: _Entry
@@ -230,12 +214,19 @@ def _record(blob: bytes, offset: int, base: int) -> _Record | None:
         name = raw_name.decode()
     except UnicodeDecodeError:
         return None
-    if op == _PATCH:
-        entry = _patch_entry(data, base + start + name_len, base + offset, digest)
-        if entry is None:
+    prefix, tail = 0, (0, 0)
+    if op == _PATCH:  # its tail lies in an earlier record of this journal file
+        found = parse_patch(data, _DATA_START, base + offset)
+        if found is None:
             return None
-    else:
-        entry = _Entry(op, base + start + name_len, size, digest.hex())
+        prefix, tail = found[0], found[1:]
+    entry = _Entry(
+        _WRITE if op == _PATCH else op,
+        base + start + name_len + prefix,
+        size - prefix,
+        digest.hex(),
+        *tail,
+    )
     return _Record(name, entry, at, count, end)
 
 
@@ -512,7 +503,7 @@ class JournaledDirectories:
             count = min(_MAX_BATCH, len(items) - first)
             heads.append(
                 _record_head(
-                    _PATCH if record.tail[1] else op,
+                    _PATCH if record.prefix else op,
                     name,
                     record.size,
                     record.digest,
@@ -553,23 +544,12 @@ class JournaledDirectories:
         versions = []
         for (name, data), record, head in zip(items, records, heads, strict=True):
             version = record.digest.hex()
-            at = state.indexed + len(head)
-            tail_offset, tail_size = record.tail
-            if tail_size:
-                state.index[name] = _Entry(
-                    _WRITE,
-                    at + PATCH_HEAD.size,
-                    record.size - PATCH_HEAD.size,
-                    version,
-                    tail_offset,
-                    tail_size,
-                )
-            else:
-                state.index[name] = _Entry(op, at, record.size, version)
-                if record.chunks:
-                    keep_base(state.bases, name, Base(data, at, record.chunks))
-                else:
-                    state.bases.pop(name, None)
+            at = state.indexed + len(head) + record.prefix
+            state.index[name] = _Entry(op, at, record.size - record.prefix, version, *record.tail)
+            if record.chunks:
+                keep_base(state.bases, name, Base(data, at, record.chunks))
+            elif not record.prefix:  # written whole and small, or deleted
+                state.bases.pop(name, None)
             state.indexed += len(head) + record.size
             versions.append(version)
         return versions

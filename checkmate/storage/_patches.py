@@ -16,11 +16,11 @@ from typing import NamedTuple
 
 from ._versions import CHUNK, chunk_digests, combine
 
-__all__ = ["PATCH_HEAD", "PATCH_MIN", "Base", "Planned", "keep_base", "plan_large"]
+__all__ = ["PATCH_MIN", "Base", "Planned", "keep_base", "parse_patch", "plan_large"]
 
 # A patch record's data starts with: where the unchanged tail it reuses lies in
 # the journal file, its length, and the digest of the new head that follows.
-PATCH_HEAD = struct.Struct(">QQ16s")
+_HEAD = struct.Struct(">QQ16s")
 PATCH_MIN = 2 * CHUNK  # smaller objects are always written whole
 _BASES_PER_DIR = 4  # whole large records kept in memory per directory, to patch against
 
@@ -36,7 +36,7 @@ class Base(NamedTuple):
 class Planned:
     """One record to append: its data's parts, its version digest, what the index needs."""
 
-    __slots__ = ("chunks", "digest", "parts", "size", "tail")
+    __slots__ = ("chunks", "digest", "parts", "prefix", "size", "tail")
 
     def __init__(
         self,
@@ -47,6 +47,7 @@ class Planned:
         tail: tuple[int, int] = (0, 0),
     ) -> None:
         self.parts: tuple[bytes | memoryview, ...] = (patch, data) if patch else (data,)
+        self.prefix = len(patch)  # bytes before the object's own (a patch's head)
         self.size = len(patch) + len(data)
         self.digest = digest  # the object's version digest
         self.chunks = chunks  # a whole large record's chunk digests (kept as a base)
@@ -74,7 +75,7 @@ def plan_large(base: Base | None, data: bytes) -> Planned:
             head = memoryview(data)[: len(data) - tail_size]
             head_digests = chunk_digests(head)
             tail_offset = base.offset + len(base.data) - tail_size
-            patch = PATCH_HEAD.pack(tail_offset, tail_size, combine(head_digests))
+            patch = _HEAD.pack(tail_offset, tail_size, combine(head_digests))
             digest = combine(head_digests + base.digests[len(base.digests) - same :])
             return Planned(head, digest, patch=patch, tail=(tail_offset, tail_size))
     chunks = chunk_digests(data)
@@ -87,3 +88,25 @@ def keep_base(bases: dict[str, Base], name: str, base: Base) -> None:
     if len(bases) >= _BASES_PER_DIR:
         del bases[next(iter(bases))]
     bases[name] = base
+
+
+def parse_patch(data: bytes, lowest: int, below: int) -> tuple[int, int, int] | None:
+    """A patch record's (prefix, tail offset, tail size); None if the data is not a patch.
+
+    ``prefix`` is the size of the patch's own fields, before the new head.
+
+    The tail must lie in ``[lowest, below)`` of the journal file, and the head
+    that follows the patch's own fields must match the digest they carry.
+    """
+    if len(data) < _HEAD.size:
+        return None
+    tail_offset, tail_size, check = _HEAD.unpack_from(data)
+    head = memoryview(data)[_HEAD.size :]
+    if (
+        not tail_size
+        or tail_offset < lowest
+        or tail_offset + tail_size > below
+        or combine(chunk_digests(head)) != check
+    ):
+        return None
+    return _HEAD.size, tail_offset, tail_size
