@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import importlib.util
 import os
 import shutil
 import signal
@@ -116,6 +117,7 @@ class Emulator:
 
     kind = ""
     title = ""
+    client = ""  # the fsspec implementation the tests reach it with
 
     def __init__(self) -> None:
         self.port = 0
@@ -161,6 +163,8 @@ class Emulator:
 
     def missing_reason(self) -> str | None:
         """Why this emulator cannot run here, or None."""
+        if importlib.util.find_spec(self.client) is None:
+            return f"{self.title}: {self.client} is not installed (pip install -e '.[emulators]')"
         try:
             exe = self.executable()
         except Exception as exc:
@@ -272,6 +276,7 @@ class Emulator:
 
 class MotoS3(Emulator):
     kind = "s3"
+    client = "s3fs"
     title = "moto_server (S3)"
     scheme = "s3"
 
@@ -309,6 +314,7 @@ class MotoS3(Emulator):
 
 class FakeGCS(Emulator):
     kind = "gcs"
+    client = "gcsfs"
     title = "fake-gcs-server (GCS)"
     scheme = "gs"
 
@@ -373,6 +379,7 @@ class FakeGCS(Emulator):
 
 class Azurite(Emulator):
     kind = "azure"
+    client = "adlfs"
     title = "Azurite (Azure Blob)"
     scheme = "az"
 
