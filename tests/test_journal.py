@@ -241,3 +241,21 @@ def test_published_files_are_whole_and_leave_no_temp_files(
     assert oct((tmp_path / "t" / "new0.json").stat().st_mode & 0o777) == oct(
         (tmp_path / "t" / "old.json").stat().st_mode & 0o777
     )
+
+
+@pytest.mark.parametrize("proc", [True, False], ids=["proc-fd", "stat"])
+def test_a_journal_created_by_a_writer_that_died_before_its_first_write_is_taken_over(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, proc: bool
+) -> None:
+    """A journal file with no header yet (its creator died before the first batch) is
+    no error: every access, the first and the later ones, reads through it."""
+    if not proc:
+        monkeypatch.setattr(_journal, "_PROC_FD", False)
+    io = LocalTaskIO(tmp_path)
+    io.write("t/a.json", b"one")
+    checkpointed_then_deferred(io)
+    journal(tmp_path).write_bytes(bytes(4096))  # created; its first batch never landed
+    assert io.read("t/a.json") == b"one"
+    assert io.read("t/a.json") == b"one"  # again, with the journal already open
+    io.write("t/a.json", b"two")
+    assert LocalTaskIO(tmp_path).read("t/a.json") == b"two"

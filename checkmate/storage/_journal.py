@@ -435,7 +435,7 @@ class JournaledDirectories:
         journal_id = _journal_id(os.pread(state.journal_fd, _FILE_HEAD.size, 0))
         if journal_id is None:
             head = os.pread(state.journal_fd, 1 << 20, 0)
-            if info.st_size >= _FILE_HEAD.size and head.strip(b"\0"):
+            if state.allocated >= _FILE_HEAD.size and head.strip(b"\0"):
                 raise CorruptStateError(
                     f"the journal {path} has a damaged header; nothing was changed. Restore "
                     "it from a backup, or move it aside to fall back on the plain files "
