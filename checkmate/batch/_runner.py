@@ -1,55 +1,18 @@
-"""Run many tasks at once on any `concurrent.futures.Executor`: `run_tasks`.
-
-Each task id is run by the engine that a user's factory builds,
-``factory(task_id, io) -> CheckMateEngine``, inside a worker: a process of a
-pool (the default), a thread, or a Dask worker through
-``distributed.Client.get_executor()``. Only the factory, the task id and the
-`TaskIO` travel to the worker, so all three must be picklable for process
-pools and Dask (a module-level function, or a picklable callable such as a
-``functools.partial`` of one, and checkmate's own stores are).
-
-The task locks and leases are what make this safe with any number of batch
-runs, workers and machines on one store:
-
-- a task held by another live worker (`BindException`) is skipped and tried
-  again later, with a delay that grows with every try, up to the lease's ttl:
-  never a busy wait, never a second run;
-- a task whose holder died is taken over once its lease lapses (at once when
-  the holder was a process on this host), and resumed with
-  ``strict_recovery`` as the caller chose;
-- a task that ends in ERROR is reported and never retried here: the engine's
-  attempt budget is the poison rule;
-- a run lost with its worker (a process pool that broke, a lease lost to
-  another worker) is tried again, at most ``max_lost_runs`` times.
-
-Ctrl-C (`KeyboardInterrupt`) stops submitting, cancels what has not started,
-and stops the running tasks of the runner's own process pool inside their
-stage's code, never in the middle of the engine's writes (the engine records
-the interrupted attempt as RETRY, not counting it, and releases the lock). The
-runner waits up to ``interrupt_grace`` seconds for them, then **raises**
-`BatchInterrupted` (a `KeyboardInterrupt`) carrying the partial `BatchSummary`.
-Nothing is lost: running the same batch again resumes every task.
-"""
+"""The runner side of `run_tasks`: schedule, retry, collect and report tasks."""
 
 from __future__ import annotations
 
-import _thread
 import contextlib
 import heapq
 import logging
 import logging.handlers
-import multiprocessing
-import os
 import pickle
 import random
-import signal
-import socket
 import sys
-import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable
 from concurrent.futures import (
     FIRST_COMPLETED,
     BrokenExecutor,
@@ -60,548 +23,28 @@ from concurrent.futures import (
     wait,
 )
 from dataclasses import dataclass, field
-from enum import Enum
-from types import FrameType
-from typing import Any, TextIO
+from typing import TextIO
 
-from ._progress import ProgressCounts, ProgressDisplay, is_terminal
-from .engine import CheckMateEngine
-from .errors import (
-    BindException,
-    ConfigurationError,
-    InterruptedStageError,
-    LeaseLostError,
-    LockUnsupportedError,
-    StageFailedError,
-)
-from .models import StageStatus
-from .naming import check_task_id
-from .storage.base import TaskIO
+from .._progress import ProgressCounts, ProgressDisplay, is_terminal
+from ..errors import ConfigurationError
+from ..models import StageStatus
+from ..naming import check_task_id
+from ..storage.base import TaskIO
+from ._pool import OwnPool, default_worker_count, is_dask
+from ._results import BatchInterrupted, BatchSummary, TaskOutcome, TaskResult
+from ._worker import EngineFactory, Report, run_task
 
-__all__ = [
-    "BatchInterrupted",
-    "BatchSummary",
-    "EngineFactory",
-    "ProgressDisplay",
-    "TaskOutcome",
-    "TaskResult",
-    "default_worker_count",
-    "run_tasks",
-]
+__all__ = ["run_tasks"]
+
 
 logger = logging.getLogger(__name__)
 
-EngineFactory = Callable[[str, TaskIO], CheckMateEngine[Any, Any]]
-"""``factory(task_id, io) -> CheckMateEngine``: builds the engine of one task.
-
-It runs in the worker. It must be picklable for process pools and Dask: a
-module-level function (or a ``functools.partial`` of one, or an instance of a
-module-level class with ``__call__``). It must not pass ``no_lock=True``: the
-lock is what keeps two workers off one task.
-"""
 
 _DEFAULT_RETRY_DELAY = 0.5
 _DEFAULT_MAX_RETRY_DELAY = 60.0
 _PROGRESS_INTERVAL = 0.25
 _DASK_CAPACITY_REFRESH = 2.0
 _REINTERRUPT_INTERVAL = 0.5
-_WORKER_REFUSE_WINDOW = 10.0
-"""Seconds after a Ctrl-C during which a worker of the runner's own pool refuses new tasks."""
-
-
-class TaskOutcome(str, Enum):
-    """How a task of a batch ended (`TaskResult.outcome`)."""
-
-    COMPLETE = "complete"
-    """The task is COMPLETE (now, or it already was)."""
-    CANCELED = "canceled"
-    """The task is CANCELED (someone canceled it)."""
-    FAILED = "failed"
-    """A stage ended in ERROR: the task will not run again (not retried)."""
-    NEEDS_RECOVERY = "needs_recovery"
-    """A stage was found RUNNING after a crash and ``strict_recovery`` was off."""
-    ERROR = "error"
-    """The task could not be run: the factory or the store failed, its state is
-    corrupt or does not match the stages, or its worker kept dying."""
-    HELD = "held"
-    """Another worker still held the task when the batch gave up on it
-    (``hold_timeout``) or was interrupted."""
-    INTERRUPTED = "interrupted"
-    """The task was running when the batch was interrupted; it is resumable."""
-    NOT_RUN = "not_run"
-    """The batch stopped before the task ran."""
-
-    def __str__(self) -> str:
-        return self.value
-
-
-@dataclass(frozen=True)
-class TaskResult:
-    """What happened to one task of a batch.
-
-    Attributes:
-        task_id: The task.
-        outcome: How it ended.
-        status: The task's status as its last run saw it (COMPLETE, ERROR,
-            ...); None when no run got that far (held, not run, factory error).
-        attempts: How many times the task was handed to a worker (each skip
-            while it was held counts).
-        stage_attempts: The engine's attempts of all stages together, as the
-            last run saw them (`CheckMateEngine.cumulative_attempts`), or None.
-        held: How many times it was found held by another worker.
-        error: The error message, for any outcome but COMPLETE.
-        error_type: The error's class name.
-        started_at: When its first run started (seconds since the epoch), or None.
-        finished_at: When its last run ended (seconds since the epoch), or None.
-        run_seconds: Seconds spent in workers, all runs together.
-        worker: ``host:pid`` of the worker of its last run, or None.
-    """
-
-    task_id: str
-    outcome: TaskOutcome
-    status: StageStatus | None = None
-    attempts: int = 0
-    stage_attempts: int | None = None
-    held: int = 0
-    error: str | None = None
-    error_type: str | None = None
-    started_at: float | None = None
-    finished_at: float | None = None
-    run_seconds: float = 0.0
-    worker: str | None = None
-
-    @property
-    def ok(self) -> bool:
-        """True when the task is COMPLETE."""
-        return self.outcome is TaskOutcome.COMPLETE
-
-    def to_dict(self) -> dict[str, Any]:
-        """Return the result as plain JSON-ready data."""
-        return {
-            "task_id": self.task_id,
-            "status": self.status.value if self.status is not None else None,
-            "outcome": self.outcome.value,
-            "attempts": self.attempts,
-            "stage_attempts": self.stage_attempts,
-            "held": self.held,
-            "error": self.error,
-            "error_type": self.error_type,
-            "started_at": self.started_at,
-            "finished_at": self.finished_at,
-            "run_seconds": round(self.run_seconds, 6),
-            "worker": self.worker,
-        }
-
-
-@dataclass(frozen=True)
-class BatchSummary:
-    """The result of `run_tasks`: one `TaskResult` per task id, in the order given.
-
-    Attributes:
-        results: The results by task id, in the order of the task ids.
-        started_at: When the batch started (seconds since the epoch).
-        finished_at: When it ended (seconds since the epoch).
-        interrupted: True when Ctrl-C stopped it (see `BatchInterrupted`).
-    """
-
-    results: Mapping[str, TaskResult]
-    started_at: float
-    finished_at: float
-    interrupted: bool = False
-
-    def __len__(self) -> int:
-        return len(self.results)
-
-    def __iter__(self) -> Iterator[TaskResult]:
-        return iter(self.results.values())
-
-    def __getitem__(self, task_id: str) -> TaskResult:
-        return self.results[task_id]
-
-    @property
-    def elapsed(self) -> float:
-        """Seconds from start to end."""
-        return self.finished_at - self.started_at
-
-    @property
-    def all_complete(self) -> bool:
-        """True when every task is COMPLETE (also for an empty batch)."""
-        return all(result.ok for result in self.results.values())
-
-    @property
-    def not_complete(self) -> list[TaskResult]:
-        """The results of every task that is not COMPLETE, in task order."""
-        return [result for result in self.results.values() if not result.ok]
-
-    def counts(self) -> dict[TaskOutcome, int]:
-        """Return how many tasks ended with each outcome (outcomes that occur only)."""
-        counted: dict[TaskOutcome, int] = {}
-        for result in self.results.values():
-            counted[result.outcome] = counted.get(result.outcome, 0) + 1
-        return counted
-
-    def describe(self) -> str:
-        """Return a one-line account, such as ``200 tasks in 12.3s: 199 complete, 1 failed``."""
-        counted = self.counts()
-        parts = [f"{counted[o]} {o.value.replace('_', ' ')}" for o in TaskOutcome if o in counted]
-        note = " (interrupted)" if self.interrupted else ""
-        return f"{len(self.results)} tasks in {self.elapsed:.1f}s{note}: " + (
-            ", ".join(parts) or "nothing to do"
-        )
-
-    def to_dicts(self) -> list[dict[str, Any]]:
-        """Return every result as JSON-ready data, in task order."""
-        return [result.to_dict() for result in self.results.values()]
-
-
-class BatchInterrupted(KeyboardInterrupt):
-    """Ctrl-C stopped `run_tasks`; ``summary`` holds what was done (a partial `BatchSummary`).
-
-    It is a `KeyboardInterrupt`, so a program that does not catch it stops as
-    on any Ctrl-C. Every task is resumable: run the batch again.
-    """
-
-    def __init__(self, summary: BatchSummary) -> None:
-        super().__init__(f"batch interrupted: {summary.describe()}")
-        self.summary = summary
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.summary,))
-
-
-# ---------------------------------------------------------------------- worker side
-
-
-@dataclass(frozen=True)
-class _Report:
-    """What one run of a task in a worker tells the runner (picklable)."""
-
-    task_id: str
-    kind: str
-    status: str | None
-    stage_attempts: int | None
-    error: str | None
-    error_type: str | None
-    started: float
-    seconds: float
-    worker: str
-    lock_ttl: float | None
-
-
-@dataclass
-class _WorkerState:
-    """Per-process state of a worker of the runner's own pool (SIGINT handling)."""
-
-    own_pool: bool = False
-    running: bool = False
-    fired: bool = False
-    nudging: bool = False
-    interrupted_at: float | None = None
-
-
-_WORKER = _WorkerState()
-_ENGINE_MODULE = CheckMateEngine.__module__
-_NUDGE_INTERVAL = 0.02
-
-
-def _in_stage(frame: FrameType | None) -> bool:
-    """Tell whether the main thread is inside a stage's ``execute_stage`` (not the engine's code).
-
-    Looks for the engine's ``_run_stage`` frame and checks what it called.
-    """
-    child = None
-    while frame is not None:
-        if frame.f_code.co_name == "_run_stage" and frame.f_globals.get("__name__") == (
-            _ENGINE_MODULE
-        ):
-            return child is not None and child.f_code.co_name == "execute_stage"
-        child, frame = frame, frame.f_back
-    return False
-
-
-def _nudge() -> None:
-    """While an interrupt waits for a stage to start, re-deliver it every few milliseconds."""
-    while _WORKER.running and not _WORKER.fired:
-        time.sleep(_NUDGE_INTERVAL)
-        if _WORKER.running and not _WORKER.fired:
-            _thread.interrupt_main()
-    _WORKER.nudging = False
-
-
-def _worker_sigint(signum: int, frame: FrameType | None) -> None:
-    """SIGINT in a worker of the runner's own pool: stop the running task at a safe point.
-
-    The interrupt is raised only inside a stage's ``execute_stage``, where the
-    engine records it (RETRY, the attempt not counted) and releases the lock;
-    while the engine itself is reading or writing, it is held back and
-    re-delivered until a stage runs (or the task ends on its own). It fires
-    once: later signals cannot interrupt the engine while it records the
-    first. An idle worker stays quiet (no traceback, no broken pool).
-    """
-    del signum
-    if _WORKER.interrupted_at is None:
-        _WORKER.interrupted_at = time.monotonic()
-    if _WORKER.fired or not _WORKER.running:
-        return
-    if _in_stage(frame):
-        _WORKER.fired = True
-        raise KeyboardInterrupt
-    if not _WORKER.nudging:
-        _WORKER.nudging = True
-        threading.Thread(target=_nudge, name="checkmate-batch-interrupt", daemon=True).start()
-
-
-@contextlib.contextmanager
-def _sigint_ignored() -> Iterator[None]:
-    """Ignore SIGINT in this process while the pool starts a worker process.
-
-    A started process inherits an ignored SIGINT (a Python handler it would
-    not), so a Ctrl-C that reaches a worker while it starts up is dropped
-    instead of killing it with a traceback; its initializer then installs
-    `_worker_sigint`. The window is the few milliseconds a process start
-    takes. Only the main thread may change signal handlers: elsewhere this
-    does nothing.
-    """
-    try:
-        old = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    except ValueError:  # not the main thread
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, old)
-
-
-def _init_worker(log_queue: Any, root_level: int, checkmate_level: int) -> None:
-    """Initializer of the runner's own pool: SIGINT handling and log forwarding."""
-    _WORKER.own_pool = True
-    with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
-        signal.signal(signal.SIGINT, _worker_sigint)
-    root = logging.getLogger()
-    for handler in list(root.handlers):
-        root.removeHandler(handler)
-    root.addHandler(logging.handlers.QueueHandler(log_queue))
-    root.setLevel(root_level)
-    logging.getLogger("checkmate").setLevel(checkmate_level)
-
-
-def _worker_name() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
-
-
-def _refusing() -> bool:
-    """After a Ctrl-C, a worker refuses new tasks for a while (the batch is stopping)."""
-    at = _WORKER.interrupted_at
-    if at is None:
-        return False
-    if time.monotonic() - at < _WORKER_REFUSE_WINDOW:
-        return True
-    _WORKER.interrupted_at = None
-    _WORKER.fired = False
-    return False
-
-
-def _run_task(
-    factory: EngineFactory, task_id: str, io: TaskIO, strict_recovery: bool, token: str
-) -> _Report:
-    """Build the task's engine with ``factory`` and execute it; report how it went.
-
-    Runs in the worker. ``token`` makes each submission distinct (Dask caches
-    the results of identical calls).
-    """
-    del token
-    started = time.time()
-    clock = time.perf_counter()
-    state: dict[str, Any] = {"status": None, "attempts": None, "ttl": None}
-
-    def report(kind: str, exc: BaseException | None = None) -> _Report:
-        error = None
-        if exc is not None:
-            error = str(exc) if str(exc) else type(exc).__name__
-        return _Report(
-            task_id=task_id,
-            kind=kind,
-            status=state["status"],
-            stage_attempts=state["attempts"],
-            error=error,
-            error_type=type(exc).__name__ if exc is not None else None,
-            started=started,
-            seconds=time.perf_counter() - clock,
-            worker=_worker_name(),
-            lock_ttl=state["ttl"],
-        )
-
-    if _WORKER.own_pool and _refusing():
-        return report("not_started")
-    _WORKER.running = True
-    try:
-        return _execute(factory, task_id, io, strict_recovery, state, report)
-    except KeyboardInterrupt as exc:
-        return report("interrupted", exc)
-    finally:
-        _WORKER.running = False
-
-
-def _execute(
-    factory: EngineFactory,
-    task_id: str,
-    io: TaskIO,
-    strict_recovery: bool,
-    state: dict[str, Any],
-    report: Callable[..., _Report],
-) -> _Report:
-    try:
-        engine = factory(task_id, io)
-        if not isinstance(engine, CheckMateEngine):
-            raise ConfigurationError(
-                f"the factory returned a {type(engine).__name__}, not a CheckMateEngine",
-                task_id=task_id,
-            )
-        if engine.task_id != task_id:
-            raise ConfigurationError(
-                f"the factory built an engine for task {engine.task_id!r} when asked for "
-                f"{task_id!r}",
-                task_id=task_id,
-            )
-        state["ttl"] = engine.lock_ttl
-        with engine:
-            try:
-                status = engine.execute(strict_recovery=strict_recovery)
-            finally:
-                _observe(engine, state)
-    except LockUnsupportedError as exc:
-        return report("error", exc)
-    except BindException as exc:
-        return report("held", exc)
-    except LeaseLostError as exc:
-        return report("lost", exc)
-    except StageFailedError as exc:
-        state["status"] = StageStatus.ERROR.value
-        return report("failed", exc)
-    except InterruptedStageError as exc:
-        state["status"] = StageStatus.RUNNING.value
-        return report("needs_recovery", exc)
-    except SystemExit as exc:
-        return report("error", exc)
-    except Exception as exc:
-        return report("error", exc)
-    state["status"] = status.value
-    if status is StageStatus.COMPLETE:
-        return report("complete")
-    if status is StageStatus.CANCELED:
-        return report("canceled")
-    return report("error", RuntimeError(f"execute() returned {status.value}"))
-
-
-def _observe(engine: CheckMateEngine[Any, Any], state: dict[str, Any]) -> None:
-    """Record the bound engine's status and attempts (from memory: no storage call)."""
-    try:
-        state["attempts"] = engine.cumulative_attempts
-        state["status"] = engine.status.value
-    except Exception:  # an impossible state is reported by execute() itself
-        logger.debug("could not read the state of task %s", engine.task_id, exc_info=True)
-
-
-# ---------------------------------------------------------------------- runner side
-
-
-def default_worker_count() -> int:
-    """The number of CPUs this process may use (the default size of the process pool)."""
-    counter = getattr(os, "process_cpu_count", None)
-    if counter is not None:
-        count = counter()
-        return int(count) if count else 1
-    affinity = getattr(os, "sched_getaffinity", None)
-    if affinity is not None:
-        with contextlib.suppress(OSError):
-            return max(1, len(affinity(0)))
-    return os.cpu_count() or 1
-
-
-class _Relay(logging.Handler):
-    """Hands records forwarded by pool workers to this process's loggers."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        target = logging.getLogger(record.name)
-        if target.isEnabledFor(record.levelno):
-            target.handle(record)
-
-
-class _OwnPool:
-    """The runner's own process pool (spawn start method), replaced when it breaks."""
-
-    def __init__(self, workers: int) -> None:
-        self.workers = workers
-        self._context = multiprocessing.get_context("spawn")
-        self._log_queue: Any = self._context.Queue()
-        self._listener = logging.handlers.QueueListener(self._log_queue, _Relay())
-        self._listener.start()
-        self.generation = 0
-        self.starting = workers
-        self.executor = self._new_executor()
-
-    def submit_guard(self) -> contextlib.AbstractContextManager[None]:
-        """What to hold around a submit: SIGINT ignored while the pool may start a worker.
-
-        A pool starts one worker per submit until it has all of them, so the
-        first ``workers`` submits of each pool are the ones that start processes.
-        """
-        if self.starting <= 0:
-            return contextlib.nullcontext()
-        self.starting -= 1
-        return _sigint_ignored()
-
-    def _new_executor(self) -> ProcessPoolExecutor:
-        return ProcessPoolExecutor(
-            max_workers=self.workers,
-            mp_context=self._context,
-            initializer=_init_worker,
-            initargs=(
-                self._log_queue,
-                logging.getLogger().getEffectiveLevel(),
-                logging.getLogger("checkmate").getEffectiveLevel(),
-            ),
-        )
-
-    def replace(self) -> None:
-        """Drop the broken pool and start a new one."""
-        with contextlib.suppress(Exception):
-            self.executor.shutdown(wait=False, cancel_futures=True)
-        self.generation += 1
-        self.starting = self.workers
-        self.executor = self._new_executor()
-
-    def _processes(self) -> list[Any]:
-        # CPython keeps the pool's worker processes here; nothing public gives them.
-        processes = getattr(self.executor, "_processes", None) or {}
-        return list(processes.values())
-
-    def interrupt(self) -> None:
-        """Send SIGINT to every worker (each interrupts its running task once)."""
-        for process in self._processes():
-            with contextlib.suppress(OSError, ValueError, AttributeError):
-                if process.is_alive() and process.pid is not None:
-                    os.kill(process.pid, signal.SIGINT)
-
-    def terminate(self) -> None:
-        """Stop every worker now (a second Ctrl-C)."""
-        for process in self._processes():
-            with contextlib.suppress(OSError, ValueError, AttributeError):
-                process.terminate()
-
-    def close(self, wait_for_workers: bool) -> None:
-        """Shut the pool down; stop forwarding logs once the workers are gone."""
-        self.executor.shutdown(wait=wait_for_workers, cancel_futures=True)
-        if wait_for_workers:
-            self._listener.stop()
-            with contextlib.suppress(Exception):
-                self._log_queue.close()
-                self._log_queue.join_thread()
-
-
-def _is_dask(executor: Executor) -> bool:
-    return type(executor).__module__.split(".", 1)[0] == "distributed"
 
 
 @dataclass
@@ -625,7 +68,7 @@ class _Track:
     waiting: bool = False
     result: TaskResult | None = None
 
-    def absorb(self, report: _Report) -> None:
+    def absorb(self, report: Report) -> None:
         self.started_at = report.started if self.started_at is None else self.started_at
         self.finished_at = report.started + report.seconds
         self.run_seconds += report.seconds
@@ -670,12 +113,12 @@ class _Batch:
     order: list[str]
     options: _Options
     executor: Executor | None
-    pool: _OwnPool | None
+    pool: OwnPool | None
     display: ProgressDisplay | None
     tracks: dict[str, _Track] = field(default_factory=dict)
     ready: deque[str] = field(default_factory=deque)
     waiting: list[tuple[float, int, str]] = field(default_factory=list)
-    inflight: dict[Future[_Report], tuple[str, int]] = field(default_factory=dict)
+    inflight: dict[Future[Report], tuple[str, int]] = field(default_factory=dict)
     started_at: float = field(default_factory=time.time)
     broken: BaseException | None = None
     stopping: bool = False
@@ -703,7 +146,7 @@ class _Batch:
             return 2 * self.pool.workers
         executor = self._executor
         now = time.monotonic()
-        if _is_dask(executor):
+        if is_dask(executor):
             if now - self._capacity_at >= _DASK_CAPACITY_REFRESH:
                 self._capacity_at = now
                 with contextlib.suppress(Exception):
@@ -777,7 +220,7 @@ class _Batch:
             try:
                 with guard:
                     future = self._executor.submit(
-                        _run_task,
+                        run_task,
                         self.factory,
                         task_id,
                         self.io,
@@ -797,7 +240,7 @@ class _Batch:
 
     # -------------------------------------------------------------- results
 
-    def _collect(self, future: Future[_Report]) -> None:
+    def _collect(self, future: Future[Report]) -> None:
         task_id, generation = self.inflight[future]
         track = self.tracks[task_id]
         try:
@@ -824,7 +267,7 @@ class _Batch:
             self._handle(track, report)
         del self.inflight[future]
 
-    def _handle(self, track: _Track, report: _Report) -> None:
+    def _handle(self, track: _Track, report: Report) -> None:
         outcome = _FINAL_KINDS.get(report.kind)
         if outcome is not None:
             self._finish(track, outcome)
@@ -844,7 +287,7 @@ class _Batch:
             self._lost(track, "its worker refused it after an interrupt", None)
 
     def _cancelled(self, track: _Track) -> None:
-        dask = self.pool is None and self.executor is not None and _is_dask(self.executor)
+        dask = self.pool is None and self.executor is not None and is_dask(self.executor)
         if self.stopping and dask:
             # Dask cancels running tasks too; such a task may still finish.
             track.error = "canceled by the interrupt; it may have been running"
@@ -1145,7 +588,7 @@ def run_tasks(
     display = _make_display(progress)
     pool = None
     if executor is None and order:
-        pool = _OwnPool(max_workers or min(default_worker_count(), len(order)))
+        pool = OwnPool(max_workers or min(default_worker_count(), len(order)))
     batch = _Batch(
         factory=factory,
         io=io,
