@@ -35,6 +35,7 @@ from typing import Any
 
 from bench_util import (
     BENCH_DIR,
+    ONE_MODEL,
     REPO,
     add_harness_paths,
     delete_leftovers,
@@ -92,7 +93,13 @@ def run_parts(parts: list[str], quick: bool) -> dict[str, Any]:
             results["peers"]["reps"] = reps
             results["engine_cpu"] = bench_peers.engine_cpu_per_stage(records)
         if "t2" in parts:
-            modules = ("checkmate", "langgraph", "langgraph.graph", "pydantic")
+            modules = (
+                "checkmate",
+                "langgraph",
+                "langgraph.graph",
+                "pydantic",
+                ONE_MODEL,
+            )
             results["imports"] = timed(
                 "imports", lambda: bench_peers.import_times(3 if quick else 7, modules)
             )
@@ -232,6 +239,18 @@ def targets(results: dict[str, Any]) -> list[dict[str, str]]:
             "(<= 0.5x)",
             "info: " + _ok(pd / lg, 0.5),
         )
+        one = imports.get(ONE_MODEL)
+        if one:
+            om = med(one)
+            row(
+                "T2",
+                "lower bound: `import pydantic` and define one model (what any library whose "
+                "public classes are pydantic models pays) / `import langgraph`",
+                f"{fmt_x(om / lg)} ({fmt_ms(om)} / {fmt_ms(lg)} ms; `import checkmate` is "
+                f"{fmt_ms(cm - om)} ms more)",
+                "(<= 0.5x)",
+                "info: " + _ok(om / lg, 0.5),
+            )
         row(
             "T2",
             "`import checkmate` / `import langgraph.graph` (what LangGraph users import)",

@@ -16,7 +16,7 @@ import sys
 from collections import defaultdict
 from typing import Any
 
-from bench_util import PEERS_DIR, delete_later, log, med, now, tmp_root
+from bench_util import ONE_MODEL, PEERS_DIR, delete_later, log, med, now, tmp_root
 
 WORKER = PEERS_DIR / "cm_worker.py"
 
@@ -156,20 +156,30 @@ def engine_cpu_per_stage(records: list[dict[str, Any]], name: str = "checkmate:m
     return {"median_s": med(values), "samples": len(values), "values": values}
 
 
-IMPORT_SNIPPET = (
-    "import time; t = time.perf_counter(); import {mod}; print(time.perf_counter() - t)"
-)
+IMPORT_SNIPPET = "import time\nt = time.perf_counter()\n{code}\nprint(time.perf_counter() - t)"
+# The least any library whose public classes are pydantic models pays at import:
+# pydantic itself, and building one model (which imports pydantic's schema machinery).
+ONE_MODEL_CODE = "from pydantic import BaseModel\nclass One(BaseModel):\n    x: int"
 
 
 def import_times(samples: int, modules: tuple[str, ...]) -> dict[str, list[float]]:
-    """Time ``import MOD`` in fresh interpreters (not counting interpreter start), interleaved."""
+    """Time ``import MOD`` in fresh interpreters (not counting interpreter start), interleaved.
+
+    `ONE_MODEL` stands for importing pydantic and defining one model.
+    """
     out: dict[str, list[float]] = {m: [] for m in modules}
     env = dict(os.environ)
     env.pop("PYTHONDONTWRITEBYTECODE", None)
     for i in range(samples + 1):  # the first pass warms the page cache; not counted
         for mod in modules:
             proc = subprocess.run(
-                [sys.executable, "-c", IMPORT_SNIPPET.format(mod=mod)],
+                [
+                    sys.executable,
+                    "-c",
+                    IMPORT_SNIPPET.format(
+                        code=ONE_MODEL_CODE if mod == ONE_MODEL else f"import {mod}"
+                    ),
+                ],
                 capture_output=True,
                 text=True,
                 check=True,

@@ -15,6 +15,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 BENCH_DIR = REPO / "benchmarks"
 PEERS_DIR = BENCH_DIR / "peers"
+# T2: the label of "import pydantic, then define one model", timed beside the imports.
+ONE_MODEL = "pydantic + one model"
 
 now = time.perf_counter
 
