@@ -18,9 +18,6 @@ from ._stored import TaskNotFoundError, parse_ts
 __all__ = ["HistoryRow", "history_rows", "render_task"]
 
 
-# ---------------------------------------------------------------------- rendering
-
-
 def _state_json(state: Any) -> str:
     # pydantic_core formats values exactly as the engine's model_dump_json does
     # (json.dumps differs on floats such as 5e-05 and on non-ASCII text).
@@ -123,6 +120,3 @@ def history_rows(record: TaskRecord) -> list[HistoryRow]:
         return (moment is None, moment or epoch, row.position, row.index)
 
     return sorted(rows, key=key)
-
-
-# ---------------------------------------------------------------------- cancel
