@@ -13,6 +13,7 @@ from typing import Any, NoReturn, TextIO
 from colorama import Fore, Style
 
 from ..catalog import LockInfo, LockState, TaskRecord
+from ..catalog._stored import parse_ts
 from ..models import StageStatus
 
 __all__ = [
@@ -169,12 +170,9 @@ def format_time(text: str | None) -> str:
     """An ISO timestamp as shown in tables; ``-`` for none."""
     if text is None:
         return "-"
-    try:
-        moment = datetime.fromisoformat(text)
-    except ValueError:
+    moment = parse_ts(text)
+    if moment is None:
         return text
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=timezone.utc)
     return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
