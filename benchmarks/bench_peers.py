@@ -16,7 +16,7 @@ import sys
 from collections import defaultdict
 from typing import Any
 
-from bench_util import ONE_MODEL, PEERS_DIR, delete_later, log, med, now, tmp_root
+from bench_util import PEERS_DIR, delete_later, log, med, now, tmp_root
 
 WORKER = PEERS_DIR / "cm_worker.py"
 
@@ -157,29 +157,20 @@ def engine_cpu_per_stage(records: list[dict[str, Any]], name: str = "checkmate:m
 
 
 IMPORT_SNIPPET = "import time\nt = time.perf_counter()\n{code}\nprint(time.perf_counter() - t)"
-# The least any library whose public classes are pydantic models pays at import:
-# pydantic itself, and building one model (which imports pydantic's schema machinery).
-ONE_MODEL_CODE = "from pydantic import BaseModel\nclass One(BaseModel):\n    x: int"
 
 
-def import_times(samples: int, modules: tuple[str, ...]) -> dict[str, list[float]]:
-    """Time ``import MOD`` in fresh interpreters (not counting interpreter start), interleaved.
+def import_times(samples: int, snippets: dict[str, str]) -> dict[str, list[float]]:
+    """Time each snippet (``label -> code``, e.g. ``import X``) in fresh interpreters.
 
-    `ONE_MODEL` stands for importing pydantic and defining one model.
+    Interpreter start is not counted; the snippets run interleaved.
     """
-    out: dict[str, list[float]] = {m: [] for m in modules}
+    out: dict[str, list[float]] = {label: [] for label in snippets}
     env = dict(os.environ)
     env.pop("PYTHONDONTWRITEBYTECODE", None)
     for i in range(samples + 1):  # the first pass warms the page cache; not counted
-        for mod in modules:
+        for label, code in snippets.items():
             proc = subprocess.run(
-                [
-                    sys.executable,
-                    "-c",
-                    IMPORT_SNIPPET.format(
-                        code=ONE_MODEL_CODE if mod == ONE_MODEL else f"import {mod}"
-                    ),
-                ],
+                [sys.executable, "-c", IMPORT_SNIPPET.format(code=code)],
                 capture_output=True,
                 text=True,
                 check=True,
@@ -187,5 +178,5 @@ def import_times(samples: int, modules: tuple[str, ...]) -> dict[str, list[float
                 cwd=tmp_root(),
             )
             if i:
-                out[mod].append(float(proc.stdout.strip().splitlines()[-1]))
+                out[label].append(float(proc.stdout.strip().splitlines()[-1]))
     return out
